@@ -1,0 +1,131 @@
+//! The `run` command: connect the sinks, run the pipeline, stop cleanly on SIGTERM/SIGINT.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ImmudbSettings, Settings};
+use crate::immudb::{ImmudbClient, ImmudbConnectOptions, ImmudbTls};
+use crate::pipeline::{self, Sinks, dlq::DlqProducer};
+
+/// Runs the daemon until a signal asks it to stop (exit 0) or a fatal error (exit 1).
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(
+        instance = %settings.instance_id,
+        group = %settings.kafka.group_id,
+        topics = ?settings.kafka.topics,
+        version = env!("CARGO_PKG_VERSION"),
+        "audit-consumer starting"
+    );
+
+    let immudb = connect_immudb(&settings.immudb, &shutdown).await?;
+    let Some(immudb) = immudb else { return Ok(()) };
+    // Lazy: the pool connects on first use, so a PostgreSQL outage at start-up is retried like
+    // any other outage instead of crash-looping the pod.
+    let pg = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(settings.postgres.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(
+            settings
+                .postgres
+                .connect_options()
+                .options([("search_path", settings.postgres.schema.as_str())]),
+        );
+    let dlq = DlqProducer::new(&settings.kafka, &settings.instance_id)
+        .context("creating the DLQ producer")?;
+
+    let sinks = Sinks {
+        immudb: immudb.clone(),
+        pg: pg.clone(),
+        dlq: dlq.clone(),
+    };
+    let result = pipeline::run(&settings, sinks, shutdown).await;
+    dlq.flush(Duration::from_secs(5));
+    immudb.close().await;
+    pg.close().await;
+    result.context("pipeline stopped")?;
+    tracing::info!("audit-consumer stopped cleanly");
+    Ok(())
+}
+
+/// Connects to immudb, retrying while it is unreachable (it may start after us). Returns
+/// `None` when shutdown is requested first.
+async fn connect_immudb(
+    settings: &ImmudbSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<ImmudbClient>> {
+    let options = immudb_options(settings)?;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match ImmudbClient::connect(options.clone()).await {
+            Ok(client) => return Ok(Some(client)),
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "immudb not reachable yet");
+            }
+            Err(error) => return Err(error).context("connecting to immudb"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(None),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The immudb client options from the settings (reads the TLS files).
+pub fn immudb_options(settings: &ImmudbSettings) -> anyhow::Result<ImmudbConnectOptions> {
+    let read = |path: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {what} {}", p.display())))
+            .transpose()
+    };
+    let tls = match &settings.tls {
+        Some(tls) => Some(ImmudbTls {
+            ca_cert_pem: read(&tls.ca_cert, "IMMUDB_TLS_CA_CERT")?,
+            domain: tls.domain.clone(),
+            client_cert_pem: read(&tls.client_cert, "IMMUDB_TLS_CLIENT_CERT")?,
+            client_key_pem: read(&tls.client_key, "IMMUDB_TLS_CLIENT_KEY")?,
+        }),
+        None => None,
+    };
+    Ok(ImmudbConnectOptions {
+        host: settings.host.clone(),
+        port: settings.port,
+        database: settings.database.clone(),
+        username: settings.username.clone(),
+        password: settings.password.expose_secret().to_owned().into(),
+        tls,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: settings.request_timeout,
+        create_database: settings.create_database,
+    })
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => tracing::info!("SIGTERM received; draining"),
+        result = tokio::signal::ctrl_c() => match result {
+            Ok(()) => tracing::info!("SIGINT received; draining"),
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
+            }
+        },
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,12 @@
+//! audit-consumer: Kafka audit events → immudb (system of record) → PostgreSQL (queryable replica).
+//!
+//! The binary (`src/main.rs`) is a thin CLI over these modules; integration tests use them directly.
+
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod immudb;
+pub mod pipeline;
+pub mod postgres;
+pub mod resilience;
+pub mod telemetry;

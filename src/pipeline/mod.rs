@@ -1,0 +1,415 @@
+//! The consume → decode → batch → store → commit loop.
+//!
+//! ```text
+//! kafka-poll thread ──records, rebalances──▶ dispatcher ──batches──▶ one writer task per topic
+//!        ▲                                     │ (decode, batch)           │ immudb → PG → DLQ
+//!        └──────────── commits ◀── committer ◀─┴──── offsets done ◀────────┘
+//! ```
+//! Every channel is bounded: a slow store fills its writer's queue, which stops the dispatcher,
+//! which stops the poll thread, which stops fetching. Memory stays at a few batches per topic.
+
+pub mod batcher;
+pub mod consumer;
+pub mod dlq;
+pub mod offsets;
+pub mod record;
+pub mod writer;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::batcher::{Batch, Batcher};
+use self::consumer::{ConsumerCommand, ConsumerEvent};
+use self::dlq::{DeadLetter, DlqProducer, ErrorClass, Stage};
+use self::offsets::{OffsetTracker, TopicPartition};
+use self::record::SourceRecord;
+use self::writer::{BatchItem, StoreContext, ValidEvent};
+use crate::config::Settings;
+use crate::event;
+use crate::immudb::ImmudbClient;
+use crate::resilience::RetryPolicy;
+
+/// Why the pipeline stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("kafka consumer: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("cannot start the kafka poll thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error(
+        "halted: {count} invalid events in a row on {partition} (last at offset {offset}); a producer is \
+         probably broken. Fix it, then restart (DLQ_MAX_CONSECUTIVE_INVALID={cap})"
+    )]
+    InvalidFlood {
+        partition: TopicPartition,
+        offset: i64,
+        count: u64,
+        cap: u64,
+    },
+}
+
+/// The stores and the DLQ, connected.
+pub struct Sinks {
+    pub immudb: ImmudbClient,
+    pub pg: sqlx::PgPool,
+    pub dlq: DlqProducer,
+}
+
+/// Runs until `shutdown` fires (then drains, commits and leaves the group) or a fatal error.
+pub async fn run(
+    settings: &Settings,
+    sinks: Sinks,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let kafka = &settings.kafka;
+    let (events_tx, events) = mpsc::channel(kafka.batch_size * 2);
+    let (commands_tx, commands) = mpsc::channel(64);
+    let consumer = consumer::create(kafka, &settings.instance_id, events_tx.clone())?;
+    let stop_polling = CancellationToken::new();
+    let poll_thread =
+        consumer::spawn_poll_thread(consumer, events_tx, commands, stop_polling.clone())?;
+
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let (progress, progress_rx) = watch::channel(0u64);
+    let hard_stop = CancellationToken::new();
+    let store = Arc::new(StoreContext {
+        immudb: sinks.immudb,
+        pg: sinks.pg,
+        dlq: sinks.dlq,
+        retry: RetryPolicy::new(settings.retry),
+        tracker: tracker.clone(),
+        progress,
+        hard_stop: hard_stop.clone(),
+    });
+    let tasks = TaskTracker::new();
+    tasks.spawn(commit_progress(
+        tracker.clone(),
+        progress_rx.clone(),
+        commands_tx,
+        stop_polling.clone(),
+    ));
+
+    let mut dispatcher = Dispatcher {
+        settings,
+        batcher: Batcher::new(kafka.batch_size, kafka.batch_timeout),
+        writers: HashMap::new(),
+        tasks: tasks.clone(),
+        store,
+        tracker,
+        progress: progress_rx,
+        invalid_runs: HashMap::new(),
+    };
+    let outcome = dispatcher.consume(events, &shutdown).await;
+    let (mut events, stop_reason) = match outcome {
+        Ok(events) => (events, None),
+        Err((events, error)) => (events, Some(error)),
+    };
+
+    // Drain: stop fetching, store what is in flight, answer the final revocation (the close of
+    // the consumer) with the positions reached, and wait until the poll thread has left.
+    stop_polling.cancel();
+    let deadline = Instant::now() + settings.shutdown_timeout;
+    dispatcher.flush_all().await;
+    dispatcher.writers.clear();
+    tasks.close();
+    let mut writers_done = std::pin::pin!(tasks.wait());
+    let mut finished = false;
+    let mut parked_revocations: Vec<(Vec<TopicPartition>, oneshot::Sender<_>)> = Vec::new();
+    loop {
+        tokio::select! {
+            () = &mut writers_done, if !finished => {
+                finished = true;
+                for (partitions, reply) in parked_revocations.drain(..) {
+                    let _ = reply.send(dispatcher.release(&partitions));
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if !hard_stop.is_cancelled() => {
+                tracing::warn!("drain deadline reached; events still in flight stay uncommitted and will be redelivered");
+                hard_stop.cancel();
+                finished = true;
+                for (partitions, reply) in parked_revocations.drain(..) {
+                    let _ = reply.send(dispatcher.release(&partitions));
+                }
+            }
+            event = events.recv() => match event {
+                None => break,
+                Some(ConsumerEvent::Revoked { partitions, reply }) if finished => {
+                    let _ = reply.send(dispatcher.release(&partitions));
+                }
+                Some(ConsumerEvent::Revoked { partitions, reply }) => parked_revocations.push((partitions, reply)),
+                // Fetched after the stop: not tracked, so never committed; redelivered later.
+                Some(_) => {}
+            },
+        }
+    }
+    if !finished {
+        // The consumer closed without a final revocation (it had no assignment): nothing is left
+        // to commit, but the stores still get the remaining time to finish what they started.
+        let _ = tokio::time::timeout_at(deadline, tasks.wait()).await;
+        hard_stop.cancel();
+    }
+    let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
+    tracing::info!("consumer stopped");
+    match stop_reason {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Turns records into batches and hands them to the per-topic writers.
+struct Dispatcher<'a> {
+    settings: &'a Settings,
+    batcher: Batcher<BatchItem>,
+    writers: HashMap<String, mpsc::Sender<Batch<BatchItem>>>,
+    tasks: TaskTracker,
+    store: Arc<StoreContext>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    progress: watch::Receiver<u64>,
+    /// Consecutive invalid events per partition, for the flood cap.
+    invalid_runs: HashMap<TopicPartition, u64>,
+}
+
+type ConsumeResult =
+    Result<mpsc::Receiver<ConsumerEvent>, (mpsc::Receiver<ConsumerEvent>, PipelineError)>;
+
+impl Dispatcher<'_> {
+    async fn consume(
+        &mut self,
+        mut events: mpsc::Receiver<ConsumerEvent>,
+        shutdown: &CancellationToken,
+    ) -> ConsumeResult {
+        loop {
+            let deadline = self.batcher.next_deadline();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(events),
+                () = sleep_until_opt(deadline) => {
+                    for batch in self.batcher.take_due(Instant::now()) {
+                        self.dispatch(batch).await;
+                    }
+                }
+                event = events.recv() => match event {
+                    Some(ConsumerEvent::Record(record)) => {
+                        if let Err(error) = self.accept(record).await {
+                            return Err((events, error));
+                        }
+                    }
+                    Some(ConsumerEvent::Revoked { partitions, reply }) => self.revoke(partitions, reply).await,
+                    Some(ConsumerEvent::Assigned(_)) => {}
+                    Some(ConsumerEvent::Fatal(error)) => return Err((events, error.into())),
+                    None => return Ok(events),
+                },
+            }
+        }
+    }
+
+    /// Decodes a record and adds it to its topic's batch.
+    async fn accept(&mut self, record: SourceRecord) -> Result<(), PipelineError> {
+        let tp = record.topic_partition();
+        let item = match event::decode(record.payload_bytes()) {
+            Ok(event) => {
+                self.invalid_runs.remove(&tp);
+                let ticket = self.tracker().received(&tp, record.offset);
+                let immudb_key = event.immudb_key();
+                let digest = event::payload_sha256(record.payload_bytes());
+                BatchItem::Valid(
+                    Box::new(ValidEvent {
+                        record,
+                        event,
+                        immudb_key,
+                        digest,
+                    }),
+                    ticket,
+                )
+            }
+            Err(error) => {
+                let run = self.invalid_runs.entry(tp.clone()).or_insert(0);
+                *run += 1;
+                let cap = self.settings.dlq.max_consecutive_invalid;
+                if cap > 0 && *run > cap {
+                    return Err(PipelineError::InvalidFlood {
+                        partition: tp,
+                        offset: record.offset,
+                        count: *run,
+                        cap,
+                    });
+                }
+                let ticket = self.tracker().received(&tp, record.offset);
+                BatchItem::Dead(
+                    Box::new(DeadLetter {
+                        class: ErrorClass::Invalid,
+                        stage: Stage::Decode,
+                        kind: error.kind().to_owned(),
+                        message: error.to_string(),
+                        attempts: 0,
+                        record,
+                    }),
+                    ticket,
+                )
+            }
+        };
+        let topic = match &item {
+            BatchItem::Valid(event, _) => event.record.topic.clone(),
+            BatchItem::Dead(letter, _) => letter.record.topic.clone(),
+        };
+        if let Some(batch) = self.batcher.push(&topic, item, Instant::now()) {
+            self.dispatch(batch).await;
+        }
+        Ok(())
+    }
+
+    /// Hands a batch to its topic's writer, starting the writer on first use. Waits while the
+    /// writer's queue is full: that is the backpressure that bounds memory.
+    async fn dispatch(&mut self, batch: Batch<BatchItem>) {
+        let writer = self
+            .writers
+            .entry(batch.topic.clone())
+            .or_insert_with(|| spawn_writer(&self.tasks, self.store.clone()));
+        if let Err(mpsc::error::SendError(batch)) = writer.send(batch).await {
+            // A writer only ends when its channel closes; a send error means it panicked. Its
+            // events stay uncommitted (redelivered after restart), so stop rather than go on.
+            tracing::error!(topic = %batch.topic, "writer task is gone; events of this batch stay uncommitted");
+        }
+    }
+
+    async fn flush_all(&mut self) {
+        for batch in self.batcher.take_all() {
+            self.dispatch(batch).await;
+        }
+    }
+
+    /// Drains the revoked partitions (bounded by the shutdown timeout), then answers with the
+    /// offsets to commit for them and forgets them.
+    async fn revoke(
+        &mut self,
+        partitions: Vec<TopicPartition>,
+        reply: oneshot::Sender<Vec<(TopicPartition, i64)>>,
+    ) {
+        let topics: HashSet<&str> = partitions.iter().map(|tp| tp.topic.as_str()).collect();
+        for topic in topics {
+            if let Some(batch) = self.batcher.take(topic) {
+                self.dispatch(batch).await;
+            }
+        }
+        let drained = wait_for(&mut self.progress, self.settings.shutdown_timeout, || {
+            let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            partitions.iter().all(|tp| tracker.pending_in(tp) == 0)
+        })
+        .await;
+        if !drained {
+            tracing::warn!(
+                "revoked partitions did not drain in time; their unfinished events will be redelivered to the new owner"
+            );
+        }
+        let _ = reply.send(self.release(&partitions));
+    }
+
+    /// The commit positions of `partitions`, which are then forgotten.
+    fn release(&mut self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        for tp in partitions {
+            self.invalid_runs.remove(tp);
+        }
+        let mut tracker = self.tracker();
+        let offsets = partitions
+            .iter()
+            .filter_map(|tp| tracker.position(tp).map(|position| (tp.clone(), position)))
+            .collect();
+        for tp in partitions {
+            tracker.revoke(tp);
+        }
+        offsets
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        // A panic while holding the lock cannot leave the tracker half-updated: every method is
+        // a single map operation.
+        self.tracker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One writer per topic: batches of a topic are stored strictly in order; topics run in
+/// parallel. The queue holds one batch while another is being written.
+fn spawn_writer(tasks: &TaskTracker, store: Arc<StoreContext>) -> mpsc::Sender<Batch<BatchItem>> {
+    let (tx, mut rx) = mpsc::channel::<Batch<BatchItem>>(1);
+    tasks.spawn(async move {
+        while let Some(batch) = rx.recv().await {
+            let topic = batch.topic.clone();
+            let size = batch.items.len();
+            let started = Instant::now();
+            let report = store.store_batch(batch).await;
+            tracing::info!(
+                %topic,
+                size,
+                stored = report.stored,
+                duplicates = report.duplicates,
+                dead_letters = report.dead_letters,
+                unconfirmed = report.unconfirmed,
+                immudb_tx = report.immudb_tx,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "batch done"
+            );
+        }
+    });
+    tx
+}
+
+/// Commits whatever became committable after each batch.
+async fn commit_progress(
+    tracker: Arc<Mutex<OffsetTracker>>,
+    mut progress: watch::Receiver<u64>,
+    commands: mpsc::Sender<ConsumerCommand>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        let commits = tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_commits();
+        if !commits.is_empty()
+            && commands
+                .send(ConsumerCommand::Commit(commits))
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Waits until `done()` holds, re-checking after every batch, for at most `timeout`.
+async fn wait_for(
+    progress: &mut watch::Receiver<u64>,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() { return done() },
+            () = tokio::time::sleep_until(deadline) => return done(),
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

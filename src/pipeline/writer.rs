@@ -1,0 +1,489 @@
+//! Stores one batch: immudb first (one transaction, the system of record), then PostgreSQL (one
+//! statement), then the dead letters; only then are the batch's offsets marked done.
+//!
+//! Redelivery is made harmless here. immudb writes carry `KeyMustNotExist` preconditions: when
+//! one fails, the keys that exist are read back and compared byte for byte with what we hold.
+//! The same bytes mean the event is already stored (its transaction id is reused for PG);
+//! different bytes are a conflict and go to the DLQ; the rest is written again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::batcher::Batch;
+use super::dlq::{DeadLetter, DlqProducer, ErrorClass, Stage};
+use super::offsets::{OffsetTicket, OffsetTracker};
+use super::record::SourceRecord;
+use crate::event::AuditEvent;
+use crate::immudb::{ImmudbClient, ImmudbError, KeyValue};
+use crate::postgres::{self, ReplicaRow};
+use crate::resilience::{Failure, RetryPolicy};
+
+/// A decoded, valid event waiting in a batch.
+#[derive(Debug)]
+pub struct ValidEvent {
+    pub record: SourceRecord,
+    pub event: AuditEvent,
+    pub immudb_key: String,
+    pub digest: [u8; 32],
+}
+
+/// One entry of a batch: a valid event to store, or a record already judged a dead letter.
+#[derive(Debug)]
+pub enum BatchItem {
+    Valid(Box<ValidEvent>, OffsetTicket),
+    Dead(Box<DeadLetter>, OffsetTicket),
+}
+
+/// What happened to a batch, for logs and the caller's counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchReport {
+    pub stored: usize,
+    pub duplicates: usize,
+    pub dead_letters: usize,
+    /// Events whose fate could not be confirmed (shutdown during a DLQ send); their offsets
+    /// stay uncommitted and they are redelivered.
+    pub unconfirmed: usize,
+    pub immudb_tx: Option<u64>,
+}
+
+/// Everything a writer needs; shared by the per-topic writer tasks.
+pub struct StoreContext {
+    pub immudb: ImmudbClient,
+    pub pg: PgPool,
+    pub dlq: DlqProducer,
+    pub retry: RetryPolicy,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// Bumped after every batch so the committer and revocation waiters look again.
+    pub progress: watch::Sender<u64>,
+    /// Fires when the process must stop even if a DLQ write is still unconfirmed.
+    pub hard_stop: CancellationToken,
+}
+
+/// The fate of one valid event as the batch moves through the stores.
+#[derive(Debug, Clone)]
+enum Fate {
+    Pending,
+    /// In immudb at this transaction (written now or found there with the same bytes).
+    InImmudb {
+        tx: u64,
+        written_now: bool,
+    },
+    /// Same key as an earlier event of this batch, with the same bytes: follows that one.
+    SameAs(usize),
+    /// A same-bytes copy of an earlier event of the batch that was stored.
+    Redelivered,
+    Dead {
+        class: ErrorClass,
+        stage: Stage,
+        kind: String,
+        message: String,
+        attempts: u32,
+    },
+}
+
+impl StoreContext {
+    /// Stores a batch and marks its offsets done. Never fails: what cannot be stored is
+    /// dead-lettered, and what cannot be dead-lettered stays uncommitted.
+    pub async fn store_batch(&self, batch: Batch<BatchItem>) -> BatchReport {
+        let mut valid = Vec::new();
+        let mut tickets_valid = Vec::new();
+        let mut dead = Vec::new();
+        for item in batch.items {
+            match item {
+                BatchItem::Valid(event, ticket) => {
+                    valid.push(*event);
+                    tickets_valid.push(ticket);
+                }
+                BatchItem::Dead(letter, ticket) => dead.push((*letter, ticket)),
+            }
+        }
+
+        let mut fates = mark_in_batch_duplicates(&valid);
+        self.write_immudb(&valid, &mut fates).await;
+        self.write_postgres(&valid, &mut fates).await;
+
+        let mut report = BatchReport::default();
+        for i in 0..fates.len() {
+            // Events that shared a key with an earlier one of the batch follow its fate.
+            if let Fate::SameAs(first) = fates[i] {
+                fates[i] = match &fates[first] {
+                    Fate::Dead { .. } => fates[first].clone(),
+                    _ => Fate::Redelivered,
+                };
+            }
+            match fates[i] {
+                Fate::InImmudb {
+                    tx,
+                    written_now: true,
+                } => {
+                    report.stored += 1;
+                    report.immudb_tx = report.immudb_tx.max(Some(tx));
+                }
+                Fate::InImmudb {
+                    written_now: false, ..
+                }
+                | Fate::Redelivered => report.duplicates += 1,
+                _ => {}
+            }
+        }
+
+        let mut done = Vec::with_capacity(valid.len() + dead.len());
+        for ((event, fate), ticket) in valid.into_iter().zip(fates).zip(tickets_valid) {
+            match fate {
+                Fate::Dead {
+                    class,
+                    stage,
+                    kind,
+                    message,
+                    attempts,
+                } => dead.push((
+                    DeadLetter {
+                        record: event.record,
+                        class,
+                        stage,
+                        kind,
+                        message: format!("event_id {}: {message}", event.event.event_id),
+                        attempts,
+                    },
+                    ticket,
+                )),
+                _ => done.push((event.record.topic_partition(), ticket)),
+            }
+        }
+
+        let sends = dead.iter().map(|(letter, _)| async move {
+            tracing::warn!(
+                topic = %letter.record.topic,
+                partition = letter.record.partition,
+                offset = letter.record.offset,
+                class = letter.class.as_str(),
+                stage = letter.stage.as_str(),
+                kind = %letter.kind,
+                error = %letter.message,
+                "dead-lettering event"
+            );
+            self.dlq.send(letter, &self.hard_stop).await
+        });
+        let results = futures::future::join_all(sends).await;
+        for ((letter, ticket), result) in dead.iter().zip(results) {
+            if result.is_ok() {
+                report.dead_letters += 1;
+                done.push((letter.record.topic_partition(), *ticket));
+            } else {
+                report.unconfirmed += 1;
+            }
+        }
+
+        {
+            let mut tracker = self
+                .tracker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (tp, ticket) in &done {
+                tracker.completed(tp, *ticket);
+            }
+        }
+        self.progress.send_modify(|n| *n += 1);
+        report
+    }
+
+    /// Writes every pending event to immudb, resolving redeliveries and conflicts.
+    async fn write_immudb(&self, events: &[ValidEvent], fates: &mut [Fate]) {
+        let pending: Vec<usize> = (0..events.len())
+            .filter(|&i| matches!(fates[i], Fate::Pending))
+            .collect();
+        self.write_immudb_group(events, fates, pending).await;
+    }
+
+    /// One group of events: `KeyMustNotExist` write, then resolution of existing keys, then
+    /// bisection if immudb rejects the group for a reason it does not pin to one entry.
+    async fn write_immudb_group(
+        &self,
+        events: &[ValidEvent],
+        fates: &mut [Fate],
+        mut group: Vec<usize>,
+    ) {
+        // Each round either writes the group or removes at least one existing key from it; the
+        // bound only guards against a server that keeps contradicting itself.
+        for _round in 0..4 {
+            if group.is_empty() {
+                return;
+            }
+            let kvs: Vec<KeyValue> = group
+                .iter()
+                .map(|&i| KeyValue {
+                    key: events[i].immudb_key.as_bytes().to_vec(),
+                    value: events[i].record.payload_bytes().to_vec(),
+                })
+                .collect();
+            let result = self
+                .retry
+                .run("immudb set", || self.immudb.set_all(&kvs, true))
+                .await;
+            match result {
+                Ok(header) => {
+                    for &i in &group {
+                        fates[i] = Fate::InImmudb {
+                            tx: header.id,
+                            written_now: true,
+                        };
+                    }
+                    return;
+                }
+                Err(Failure {
+                    error: ImmudbError::PreconditionFailed { .. },
+                    ..
+                }) => match self.resolve_existing(events, fates, &group).await {
+                    Ok(()) => group.retain(|&i| matches!(fates[i], Fate::Pending)),
+                    Err(failure) => return mark_dead(fates, &group, Stage::Immudb, &failure),
+                },
+                Err(failure) if failure.error.is_transient() => {
+                    return mark_dead(fates, &group, Stage::Immudb, &failure);
+                }
+                Err(failure) if group.len() == 1 => {
+                    fates[group[0]] = dead_fate(ErrorClass::Invalid, Stage::Immudb, &failure);
+                    return;
+                }
+                Err(failure) => {
+                    tracing::warn!(error = %failure.error, size = group.len(), "immudb rejected the batch; bisecting to isolate the offending events");
+                    let second = group.split_off(group.len() / 2);
+                    Box::pin(self.write_immudb_group(events, fates, group)).await;
+                    Box::pin(self.write_immudb_group(events, fates, second)).await;
+                    return;
+                }
+            }
+        }
+        let failure = Failure {
+            error: "immudb kept reporting existing keys that it does not return".to_owned(),
+            attempts: 4,
+        };
+        mark_dead(fates, &group, Stage::Immudb, &failure);
+    }
+
+    /// Reads back the keys of `group` and settles those that exist: same bytes → stored,
+    /// different bytes → conflict.
+    async fn resolve_existing(
+        &self,
+        events: &[ValidEvent],
+        fates: &mut [Fate],
+        group: &[usize],
+    ) -> Result<(), Failure<ImmudbError>> {
+        let keys: Vec<Vec<u8>> = group
+            .iter()
+            .map(|&i| events[i].immudb_key.as_bytes().to_vec())
+            .collect();
+        let existing = self
+            .retry
+            .run("immudb get_all", || self.immudb.get_all(&keys))
+            .await?;
+        let by_key: HashMap<&[u8], usize> = group
+            .iter()
+            .map(|&i| (events[i].immudb_key.as_bytes(), i))
+            .collect();
+        for entry in existing {
+            let Some(&i) = by_key.get(entry.key.as_slice()) else {
+                continue;
+            };
+            fates[i] = if entry.value.as_slice() == events[i].record.payload_bytes() {
+                Fate::InImmudb {
+                    tx: entry.tx,
+                    written_now: false,
+                }
+            } else {
+                Fate::Dead {
+                    class: ErrorClass::Conflict,
+                    stage: Stage::Immudb,
+                    kind: "conflict".into(),
+                    message: format!(
+                        "immudb already holds {} (tx {}) with different content",
+                        events[i].immudb_key, entry.tx
+                    ),
+                    attempts: 1,
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Replicates every event that is in immudb to PostgreSQL.
+    async fn write_postgres(&self, events: &[ValidEvent], fates: &mut [Fate]) {
+        let group: Vec<usize> = (0..events.len())
+            .filter(|&i| matches!(fates[i], Fate::InImmudb { .. }))
+            .collect();
+        self.write_postgres_group(events, fates, group).await;
+    }
+
+    /// One statement for the group; bisection if PostgreSQL rejects it for a row it does not
+    /// name.
+    async fn write_postgres_group(
+        &self,
+        events: &[ValidEvent],
+        fates: &mut [Fate],
+        mut group: Vec<usize>,
+    ) {
+        if group.is_empty() {
+            return;
+        }
+        let rows: Vec<ReplicaRow<'_>> = group
+            .iter()
+            .map(|&i| {
+                let tx = match fates[i] {
+                    Fate::InImmudb { tx, .. } => tx,
+                    _ => 0,
+                };
+                replica_row(&events[i], tx)
+            })
+            .collect();
+        let result = self
+            .retry
+            .run("postgres insert", || {
+                postgres::insert_batch(&self.pg, &rows)
+            })
+            .await;
+        match result {
+            Ok(outcome) => {
+                for position in outcome.conflicts {
+                    let i = group[position];
+                    fates[i] = Fate::Dead {
+                        class: ErrorClass::Conflict,
+                        stage: Stage::Postgres,
+                        kind: "conflict".into(),
+                        message: "audit_trail already holds this event_id with a different payload digest".into(),
+                        attempts: 1,
+                    };
+                }
+            }
+            Err(failure) if failure.error.is_transient() => {
+                mark_dead(fates, &group, Stage::Postgres, &failure)
+            }
+            Err(failure) if group.len() == 1 => {
+                fates[group[0]] = dead_fate(ErrorClass::Invalid, Stage::Postgres, &failure);
+            }
+            Err(failure) => {
+                tracing::warn!(error = %failure.error, size = group.len(), "PostgreSQL rejected the batch; bisecting to isolate the offending rows");
+                let second = group.split_off(group.len() / 2);
+                Box::pin(self.write_postgres_group(events, fates, group)).await;
+                Box::pin(self.write_postgres_group(events, fates, second)).await;
+            }
+        }
+    }
+}
+
+fn replica_row(event: &ValidEvent, tx: u64) -> ReplicaRow<'_> {
+    ReplicaRow {
+        event: &event.event,
+        immudb_key: &event.immudb_key,
+        immudb_tx: tx,
+        immudb_verified: false,
+        payload_sha256: &event.digest,
+        topic: &event.record.topic,
+        partition: event.record.partition,
+        offset: event.record.offset,
+    }
+}
+
+/// The first occurrence of each immudb key stays pending; later ones with the same bytes follow
+/// it, with different bytes they are conflicts.
+fn mark_in_batch_duplicates(events: &[ValidEvent]) -> Vec<Fate> {
+    let mut first_by_key: HashMap<&str, usize> = HashMap::with_capacity(events.len());
+    events
+        .iter()
+        .enumerate()
+        .map(
+            |(i, event)| match first_by_key.get(event.immudb_key.as_str()) {
+                None => {
+                    first_by_key.insert(&event.immudb_key, i);
+                    Fate::Pending
+                }
+                Some(&first) if events[first].digest == event.digest => Fate::SameAs(first),
+                Some(&first) => Fate::Dead {
+                    class: ErrorClass::Conflict,
+                    stage: Stage::Immudb,
+                    kind: "conflict".into(),
+                    message: format!(
+                        "same key {} as offset {} of this batch with different content",
+                        event.immudb_key, events[first].record.offset
+                    ),
+                    attempts: 0,
+                },
+            },
+        )
+        .collect()
+}
+
+fn dead_fate<E: std::fmt::Display>(class: ErrorClass, stage: Stage, failure: &Failure<E>) -> Fate {
+    Fate::Dead {
+        class,
+        stage,
+        kind: if class == ErrorClass::RetryExhausted {
+            "unavailable".into()
+        } else {
+            "rejected".into()
+        },
+        message: failure.error.to_string(),
+        attempts: failure.attempts,
+    }
+}
+
+/// The whole group failed the same way: transient after every retry, or no way to isolate.
+fn mark_dead<E: std::fmt::Display>(
+    fates: &mut [Fate],
+    group: &[usize],
+    stage: Stage,
+    failure: &Failure<E>,
+) {
+    for &i in group {
+        fates[i] = dead_fate(ErrorClass::RetryExhausted, stage, failure);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(key: &str, payload: &[u8], offset: i64) -> ValidEvent {
+        let event = crate::event::decode(
+            br#"{"event_id":"7f1c2d3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f","timestamp":"2026-01-01T00:00:00Z","entity_type":"plant","entity_id":"p","action":"a","user_id":"u"}"#,
+        )
+        .expect("valid fixture");
+        ValidEvent {
+            record: SourceRecord {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                timestamp_ms: None,
+                key: None,
+                payload: Some(payload.to_vec()),
+                headers: vec![],
+            },
+            event,
+            immudb_key: key.into(),
+            digest: crate::event::payload_sha256(payload),
+        }
+    }
+
+    #[test]
+    fn in_batch_duplicates_follow_the_first_and_differences_conflict() {
+        let events = vec![
+            valid("audit:plant:1", b"one", 0),
+            valid("audit:plant:2", b"two", 1),
+            valid("audit:plant:1", b"one", 2),
+            valid("audit:plant:1", b"other", 3),
+        ];
+        let fates = mark_in_batch_duplicates(&events);
+        assert!(matches!(fates[0], Fate::Pending));
+        assert!(matches!(fates[1], Fate::Pending));
+        assert!(matches!(fates[2], Fate::SameAs(0)));
+        assert!(matches!(
+            fates[3],
+            Fate::Dead {
+                class: ErrorClass::Conflict,
+                ..
+            }
+        ));
+    }
+}
