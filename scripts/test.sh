@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The README's test command (and CI's): install what is missing, start the real local stack,
+# check formatting and lints, run every test against the real servers, and stop the stack again
+# if this script started it (also on failure).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+log() { printf '[test] %s\n' "$*"; }
+
+# Build prerequisites of rdkafka (bundled librdkafka), tonic (protoc) and sqlx.
+need=()
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v cc >/dev/null || need+=(build-essential)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v psql >/dev/null || need+=(postgresql-client)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  [[ $EUID -eq 0 ]] || { echo "run as root or install: apt-get install -y ${need[*]}" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+if bash deploy/local/stack.sh status >/dev/null 2>&1; then
+  log "using the running local stack"
+else
+  log "starting the local stack"
+  trap 'log "stopping the local stack"; bash deploy/local/stack.sh down || true' EXIT
+  bash deploy/local/stack.sh up
+fi
+eval "$(bash deploy/local/stack.sh env)"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+log "cargo test"
+cargo test --locked --all-targets
+log "done in $(($(date +%s) - started))s"
