@@ -36,7 +36,12 @@ fn bench_batch_build(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("1000_events", |b| {
         b.iter_batched(
-            || (OffsetTracker::new(), Batcher::new(BATCH, Duration::from_secs(1))),
+            || {
+                (
+                    OffsetTracker::new(),
+                    Batcher::new(BATCH, Duration::from_secs(1)),
+                )
+            },
             |(mut tracker, mut batcher)| {
                 let now = Instant::now();
                 let mut flushed = None;
