@@ -193,6 +193,16 @@ pub fn spawn_poll_thread(
 fn run_command(consumer: &BaseConsumer<PipelineContext>, command: ConsumerCommand) {
     match command {
         ConsumerCommand::Commit(offsets) => {
+            // A commit queued before a revocation must not land after the revocation's final
+            // commit and move the partition back for its new owner.
+            let owned = consumer.assignment().unwrap_or_default();
+            let offsets: Vec<_> = offsets
+                .into_iter()
+                .filter(|(tp, _)| owned.find_partition(&tp.topic, tp.partition).is_some())
+                .collect();
+            if offsets.is_empty() {
+                return;
+            }
             if let Err(error) = consumer.commit(&to_list(&offsets), CommitMode::Async) {
                 tracing::warn!(%error, "offset commit could not be queued");
             }

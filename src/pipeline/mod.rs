@@ -43,6 +43,8 @@ pub enum PipelineError {
     Kafka(#[from] KafkaError),
     #[error("cannot start the kafka poll thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("the writer of topic {topic} stopped unexpectedly; its batches stay uncommitted")]
+    WriterGone { topic: String },
     #[error(
         "halted: {count} invalid events in a row on {partition} (last at offset {offset}); a producer is \
          probably broken. Fix it, then restart (DLQ_MAX_CONSECUTIVE_INVALID={cap})"
@@ -192,7 +194,9 @@ impl Dispatcher<'_> {
                 () = shutdown.cancelled() => return Ok(events),
                 () = sleep_until_opt(deadline) => {
                     for batch in self.batcher.take_due(Instant::now()) {
-                        self.dispatch(batch).await;
+                        if let Err(error) = self.dispatch(batch).await {
+                            return Err((events, error));
+                        }
                     }
                 }
                 event = events.recv() => match event {
@@ -260,28 +264,33 @@ impl Dispatcher<'_> {
             BatchItem::Dead(letter, _) => letter.record.topic.clone(),
         };
         if let Some(batch) = self.batcher.push(&topic, item, Instant::now()) {
-            self.dispatch(batch).await;
+            self.dispatch(batch).await?;
         }
         Ok(())
     }
 
     /// Hands a batch to its topic's writer, starting the writer on first use. Waits while the
     /// writer's queue is full: that is the backpressure that bounds memory.
-    async fn dispatch(&mut self, batch: Batch<BatchItem>) {
+    async fn dispatch(&mut self, batch: Batch<BatchItem>) -> Result<(), PipelineError> {
         let writer = self
             .writers
             .entry(batch.topic.clone())
             .or_insert_with(|| spawn_writer(&self.tasks, self.store.clone()));
-        if let Err(mpsc::error::SendError(batch)) = writer.send(batch).await {
-            // A writer only ends when its channel closes; a send error means it panicked. Its
-            // events stay uncommitted (redelivered after restart), so stop rather than go on.
-            tracing::error!(topic = %batch.topic, "writer task is gone; events of this batch stay uncommitted");
-        }
+        // A writer only ends when its channel closes, so a send error means it panicked. Its
+        // events stay pending for ever (nothing past them commits): stop rather than go on.
+        writer
+            .send(batch)
+            .await
+            .map_err(|mpsc::error::SendError(batch)| PipelineError::WriterGone {
+                topic: batch.topic,
+            })
     }
 
     async fn flush_all(&mut self) {
         for batch in self.batcher.take_all() {
-            self.dispatch(batch).await;
+            if let Err(error) = self.dispatch(batch).await {
+                tracing::error!(%error, "cannot flush during shutdown");
+            }
         }
     }
 
@@ -294,8 +303,10 @@ impl Dispatcher<'_> {
     ) {
         let topics: HashSet<&str> = partitions.iter().map(|tp| tp.topic.as_str()).collect();
         for topic in topics {
-            if let Some(batch) = self.batcher.take(topic) {
-                self.dispatch(batch).await;
+            if let Some(batch) = self.batcher.take(topic)
+                && let Err(error) = self.dispatch(batch).await
+            {
+                tracing::error!(%error, "cannot flush a revoked partition's batch");
             }
         }
         let drained = wait_for(&mut self.progress, self.settings.shutdown_timeout, || {

@@ -1,7 +1,10 @@
 //! A Kafka record as the pipeline carries it: owned, detached from librdkafka's buffers.
 
+use std::ffi::{CStr, c_char, c_void};
+
 use rdkafka::Message;
-use rdkafka::message::{Headers, OwnedHeaders};
+use rdkafka::bindings as rd;
+use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 
 use super::offsets::TopicPartition;
 
@@ -21,16 +24,8 @@ pub struct SourceRecord {
 
 impl SourceRecord {
     /// Copies a message out of librdkafka.
-    pub fn from_message<M: Message>(message: &M) -> Self {
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+    pub fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        let headers = read_headers(message);
         SourceRecord {
             topic: message.topic().to_owned(),
             partition: message.partition(),
@@ -71,4 +66,39 @@ impl SourceRecord {
                 })
             })
     }
+}
+
+/// The message's headers, with keys decoded lossily. rdkafka's own header accessor panics on a
+/// key that is not UTF-8, and any producer can send one: a poison header must not take the
+/// poll thread down.
+fn read_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    // SAFETY: `message.ptr()` is a valid message for the lifetime of `message`; librdkafka owns
+    // the headers it returns through `headers` for as long as the message lives, and every
+    // name/value pointer it hands out stays valid (and is copied here) within that lifetime.
+    unsafe {
+        let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(message.ptr(), &mut headers)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || headers.is_null()
+        {
+            return out;
+        }
+        for idx in 0..rd::rd_kafka_header_cnt(headers) {
+            let mut name: *const c_char = std::ptr::null();
+            let mut value: *const c_void = std::ptr::null();
+            let mut size = 0usize;
+            if rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                || name.is_null()
+            {
+                continue;
+            }
+            let key = CStr::from_ptr(name).to_string_lossy().into_owned();
+            let value = (!value.is_null())
+                .then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec());
+            out.push((key, value));
+        }
+    }
+    out
 }

@@ -386,32 +386,32 @@ fn replica_row(event: &ValidEvent, tx: u64) -> ReplicaRow<'_> {
     }
 }
 
-/// The first occurrence of each immudb key stays pending; later ones with the same bytes follow
-/// it, with different bytes they are conflicts.
+/// The first occurrence of each `event_id` stays pending; later ones with the same bytes follow
+/// it, with different bytes they are conflicts. Keyed by `event_id` (PostgreSQL's identity), not
+/// by the immudb key: two copies that differ in `entity_type` have different immudb keys but
+/// must not both be written.
 fn mark_in_batch_duplicates(events: &[ValidEvent]) -> Vec<Fate> {
-    let mut first_by_key: HashMap<&str, usize> = HashMap::with_capacity(events.len());
+    let mut first_by_id: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(events.len());
     events
         .iter()
         .enumerate()
-        .map(
-            |(i, event)| match first_by_key.get(event.immudb_key.as_str()) {
-                None => {
-                    first_by_key.insert(&event.immudb_key, i);
-                    Fate::Pending
-                }
-                Some(&first) if events[first].digest == event.digest => Fate::SameAs(first),
-                Some(&first) => Fate::Dead {
-                    class: ErrorClass::Conflict,
-                    stage: Stage::Immudb,
-                    kind: "conflict".into(),
-                    message: format!(
-                        "same key {} as offset {} of this batch with different content",
-                        event.immudb_key, events[first].record.offset
-                    ),
-                    attempts: 0,
-                },
+        .map(|(i, event)| match first_by_id.get(&event.event.event_id) {
+            None => {
+                first_by_id.insert(event.event.event_id, i);
+                Fate::Pending
+            }
+            Some(&first) if events[first].digest == event.digest => Fate::SameAs(first),
+            Some(&first) => Fate::Dead {
+                class: ErrorClass::Conflict,
+                stage: Stage::Immudb,
+                kind: "conflict".into(),
+                message: format!(
+                    "same event_id as offset {} of this batch with different content",
+                    events[first].record.offset
+                ),
+                attempts: 0,
             },
-        )
+        })
         .collect()
 }
 
@@ -445,11 +445,12 @@ fn mark_dead<E: std::fmt::Display>(
 mod tests {
     use super::*;
 
-    fn valid(key: &str, payload: &[u8], offset: i64) -> ValidEvent {
-        let event = crate::event::decode(
-            br#"{"event_id":"7f1c2d3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f","timestamp":"2026-01-01T00:00:00Z","entity_type":"plant","entity_id":"p","action":"a","user_id":"u"}"#,
-        )
-        .expect("valid fixture");
+    fn valid(id: &str, entity_type: &str, payload: &[u8], offset: i64) -> ValidEvent {
+        let json = format!(
+            r#"{{"event_id":"{id}","timestamp":"2026-01-01T00:00:00Z","entity_type":"{entity_type}","entity_id":"p","action":"a","user_id":"u"}}"#
+        );
+        let event = crate::event::decode(json.as_bytes()).expect("valid event");
+        let key = event.immudb_key();
         ValidEvent {
             record: SourceRecord {
                 topic: "t".into(),
@@ -461,29 +462,36 @@ mod tests {
                 headers: vec![],
             },
             event,
-            immudb_key: key.into(),
+            immudb_key: key,
             digest: crate::event::payload_sha256(payload),
         }
     }
 
+    const ONE: &str = "7f1c2d3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f";
+    const TWO: &str = "0b6f4a1e-2c3d-4e5f-8a9b-1c2d3e4f5a6b";
+
     #[test]
     fn in_batch_duplicates_follow_the_first_and_differences_conflict() {
         let events = vec![
-            valid("audit:plant:1", b"one", 0),
-            valid("audit:plant:2", b"two", 1),
-            valid("audit:plant:1", b"one", 2),
-            valid("audit:plant:1", b"other", 3),
+            valid(ONE, "plant", b"one", 0),
+            valid(TWO, "plant", b"two", 1),
+            valid(ONE, "plant", b"one", 2),
+            valid(ONE, "plant", b"other", 3),
+            // Same event_id under another entity_type: another immudb key, still a conflict.
+            valid(TWO, "batch", b"two as a batch", 4),
         ];
         let fates = mark_in_batch_duplicates(&events);
         assert!(matches!(fates[0], Fate::Pending));
         assert!(matches!(fates[1], Fate::Pending));
         assert!(matches!(fates[2], Fate::SameAs(0)));
-        assert!(matches!(
-            fates[3],
-            Fate::Dead {
-                class: ErrorClass::Conflict,
-                ..
-            }
-        ));
+        for conflict in [3, 4] {
+            assert!(matches!(
+                fates[conflict],
+                Fate::Dead {
+                    class: ErrorClass::Conflict,
+                    ..
+                }
+            ));
+        }
     }
 }
