@@ -374,19 +374,20 @@ async fn sigterm_drains_commits_and_a_restart_reprocesses_nothing() {
     let world = World::new(&TOPICS[..2], 2).await;
     let pg = world.pg().await;
     let daemon = world.start_daemon("a", &BTreeMap::new());
-    // A steady stream: 200 events every 100 ms while the daemon runs.
-    let producer_world = &world;
+    // A steady stream: 200 events every 100 ms while the daemon runs (a pacing clock, not a
+    // wait: the SIGTERM lands while events are still arriving).
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
     let mut produced = Vec::new();
     for round in 0..15 {
-        let corpus = valid_corpus(producer_world, 200, 2);
-        producer_world
+        pace.tick().await;
+        let corpus = valid_corpus(&world, 200, 2);
+        world
             .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
             .await;
         produced.extend(corpus.into_iter().map(|(id, _)| id));
         if round == 10 {
             wait_rows(&world, &pg, 1, Duration::from_secs(60)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let started = tokio::time::Instant::now();
     let status = daemon.terminate(Duration::from_secs(25)).await;
