@@ -1,14 +1,18 @@
 //! The `run` command: connect the sinks, run the pipeline, stop cleanly on SIGTERM/SIGINT.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{ImmudbSettings, Settings};
+use crate::http::{self, Health};
 use crate::immudb::{ImmudbClient, ImmudbConnectOptions, ImmudbTls};
-use crate::pipeline::{self, Sinks, dlq::DlqProducer};
+use crate::pipeline::{self, Shared, Sinks, dlq::DlqProducer};
+use crate::resilience::CircuitBreaker;
 
 /// Runs the daemon until a signal asks it to stop (exit 0) or a fatal error (exit 1).
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -22,8 +26,39 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "audit-consumer starting"
     );
 
-    let immudb = connect_immudb(&settings.immudb, &shutdown).await?;
-    let Some(immudb) = immudb else { return Ok(()) };
+    let immudb_breaker = Arc::new(CircuitBreaker::new(
+        "immudb",
+        settings.circuit.failure_threshold,
+        settings.circuit.cooldown,
+    ));
+    let pg_breaker = Arc::new(CircuitBreaker::new(
+        "postgres",
+        settings.circuit.failure_threshold,
+        settings.circuit.cooldown,
+    ));
+    let health = Arc::new(Health::new(
+        settings.http.stall_timeout,
+        vec![immudb_breaker.clone(), pg_breaker.clone()],
+    ));
+    health.beat();
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    http::serve(
+        &settings.http,
+        health.clone(),
+        stop_background.clone(),
+        &background,
+    )
+    .await
+    .context("starting the HTTP sidecar")?;
+
+    let immudb = connect_immudb(&settings.immudb, &health, &shutdown).await?;
+    let Some(immudb) = immudb else {
+        stop_background.cancel();
+        background.close();
+        background.wait().await;
+        return Ok(());
+    };
     // Lazy: the pool connects on first use, so a PostgreSQL outage at start-up is retried like
     // any other outage instead of crash-looping the pod.
     let pg = sqlx::postgres::PgPoolOptions::new()
@@ -38,15 +73,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let dlq = DlqProducer::new(&settings.kafka, &settings.instance_id)
         .context("creating the DLQ producer")?;
 
+    background.spawn(http::check_dependencies(
+        health.clone(),
+        immudb.clone(),
+        pg.clone(),
+        stop_background.clone(),
+    ));
+
     let sinks = Sinks {
         immudb: immudb.clone(),
         pg: pg.clone(),
         dlq: dlq.clone(),
     };
-    let result = pipeline::run(&settings, sinks, shutdown).await;
-    dlq.flush(Duration::from_secs(5));
+    let shared = Shared {
+        health,
+        immudb_breaker,
+        pg_breaker,
+    };
+    let result = pipeline::run(&settings, sinks, &shared, shutdown).await;
+    stop_background.cancel();
+    background.close();
+    let flush_dlq = dlq.clone();
+    let _ = tokio::task::spawn_blocking(move || flush_dlq.flush(Duration::from_secs(2))).await;
     immudb.close().await;
-    pg.close().await;
+    // Connections still checked out by an abandoned batch must not hold the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(2), pg.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
     result.context("pipeline stopped")?;
     tracing::info!("audit-consumer stopped cleanly");
     Ok(())
@@ -56,11 +108,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// `None` when shutdown is requested first.
 async fn connect_immudb(
     settings: &ImmudbSettings,
+    health: &Health,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<ImmudbClient>> {
     let options = immudb_options(settings)?;
     let mut delay = Duration::from_millis(500);
     loop {
+        health.beat();
         match ImmudbClient::connect(options.clone()).await {
             Ok(client) => return Ok(Some(client)),
             Err(error) if error.is_transient() => {

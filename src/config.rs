@@ -310,6 +310,30 @@ pub const SETTINGS: &[SettingSpec] = &[
         "Halt (instead of dead-lettering a whole broken topic) after this many invalid events in a row; 0 disables.",
     ),
     s(
+        "circuit.failure_threshold",
+        "CIRCUIT_FAILURE_THRESHOLD",
+        Some("1"),
+        "Consecutive batches that exhaust their retries before a store's circuit opens (consumption pauses).",
+    ),
+    s(
+        "circuit.cooldown",
+        "CIRCUIT_COOLDOWN",
+        Some("5s"),
+        "Wait between health probes of a store whose circuit is open.",
+    ),
+    s(
+        "pipeline.max_in_flight_bytes",
+        "PIPELINE_MAX_IN_FLIGHT_BYTES",
+        Some("33554432"),
+        "Payload bytes received but not yet stored; above it fetching pauses (bounded memory).",
+    ),
+    s(
+        "http.stall_timeout",
+        "HEALTH_STALL_TIMEOUT",
+        Some("30s"),
+        "Liveness fails when the consume loop's heartbeat is older than this.",
+    ),
+    s(
         "http.health_port",
         "HEALTH_PORT",
         Some("8080"),
@@ -656,6 +680,14 @@ pub struct HttpSettings {
     pub bind_address: std::net::IpAddr,
     pub health_port: u16,
     pub metrics_port: u16,
+    pub stall_timeout: Duration,
+}
+
+/// Circuit breakers of the stores.
+#[derive(Debug, Clone, Copy)]
+pub struct CircuitSettings {
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
 }
 
 /// Log output format.
@@ -679,6 +711,9 @@ pub struct Settings {
     pub immudb: ImmudbSettings,
     pub postgres: PostgresSettings,
     pub retry: RetrySettings,
+    pub circuit: CircuitSettings,
+    /// Payload bytes in flight before fetching pauses.
+    pub max_in_flight_bytes: u64,
     pub dlq: DlqSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
@@ -838,6 +873,7 @@ impl Settings {
             })?,
             health_port: number(l, "http.health_port", 0, u16::MAX as u64)? as u16,
             metrics_port: number(l, "http.metrics_port", 0, u16::MAX as u64)? as u16,
+            stall_timeout: duration(l, "http.stall_timeout")?,
         };
 
         let log = LogSettings {
@@ -854,6 +890,11 @@ impl Settings {
             immudb,
             postgres,
             retry,
+            circuit: CircuitSettings {
+                failure_threshold: number(l, "circuit.failure_threshold", 1, 1000)? as u32,
+                cooldown: duration(l, "circuit.cooldown")?,
+            },
+            max_in_flight_bytes: number(l, "pipeline.max_in_flight_bytes", 1 << 20, 1 << 40)?,
             dlq: DlqSettings {
                 max_consecutive_invalid: number(l, "dlq.max_consecutive_invalid", 0, u64::MAX)?,
             },

@@ -5,7 +5,9 @@
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod http;
 pub mod immudb;
+pub mod metrics;
 pub mod pipeline;
 pub mod postgres;
 pub mod resilience;

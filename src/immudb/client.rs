@@ -26,6 +26,10 @@ use super::error::{
     is_session_gone,
 };
 use super::proto::{self, immu_service_client::ImmuServiceClient};
+use super::verify::{
+    StateVerifyingKey, TrustedState, VerificationError, VerifyContext, verify_get_answer,
+    verify_set_answer, verify_tx_answer,
+};
 use super::{Entry, State, TxHeader};
 
 /// Largest message we send. Matches immudb's default `--max-recv-msg-size` (32 MiB): anything
@@ -171,6 +175,8 @@ impl ImmudbLimits {
 #[derive(Clone)]
 pub struct ImmudbClient {
     inner: Arc<Inner>,
+    /// When set, verified operations also require the server's signature over each new state.
+    server_key: Option<StateVerifyingKey>,
 }
 
 struct Inner {
@@ -202,6 +208,7 @@ impl fmt::Debug for ImmudbClient {
             .field("database", &self.inner.database)
             .field("username", &self.inner.username)
             .field("limits", &self.inner.limits)
+            .field("server_key", &self.server_key)
             .finish_non_exhaustive()
     }
 }
@@ -282,7 +289,10 @@ impl ImmudbClient {
             keepalive: keepalive.clone(),
         });
         spawn_keepalive(Arc::downgrade(&inner), keepalive);
-        Ok(ImmudbClient { inner })
+        Ok(ImmudbClient {
+            inner,
+            server_key: None,
+        })
     }
 
     /// Limits of the connected database, to size batches and reject oversized events before
@@ -402,6 +412,210 @@ impl ImmudbClient {
                 });
             }
         }
+    }
+
+    /// Requires, from now on, that every answer of the verified operations
+    /// ([`verify_set_batch`](Self::verify_set_batch), [`verified_get`](Self::verified_get),
+    /// [`verified_tx_by_id`](Self::verified_tx_by_id)) carries a valid signature by the server's
+    /// state-signing key (immudb started with `--signingKey`). Applies to this handle and the
+    /// clones made from it afterwards.
+    pub fn with_server_signing_key(mut self, key: StateVerifyingKey) -> Self {
+        self.server_key = Some(key);
+        self
+    }
+
+    /// The database name as the server knows it (immudb lower-cases names when opening a
+    /// session); it is part of every signed state and of [`TrustedState`].
+    pub fn database(&self) -> String {
+        self.inner.database.to_lowercase()
+    }
+
+    /// Writes all `kvs` in ONE transaction like [`set_all`](Self::set_all) (same validation
+    /// and `KeyMustNotExist` preconditions) and returns the transaction with a dual proof from
+    /// `prove_since_tx` (0: from the new transaction to itself). Nothing is verified here;
+    /// see [`verify_set_batch`](Self::verify_set_batch).
+    pub async fn verifiable_set_all(
+        &self,
+        kvs: &[KeyValue],
+        must_not_exist: bool,
+        prove_since_tx: u64,
+    ) -> Result<proto::VerifiableTx, ImmudbError> {
+        self.validate_batch(kvs)?;
+        self.call("verifiable set", |mut grpc, sid| {
+            let request = with_session(
+                proto::VerifiableSetRequest {
+                    set_request: Some(set_request(kvs, must_not_exist)),
+                    prove_since_tx,
+                },
+                sid,
+            );
+            async move { grpc.verifiable_set(request).await }
+        })
+        .await
+    }
+
+    /// Reads `key` (its value as written by transaction `at_tx`, or its latest value) with the
+    /// proofs of its inclusion and of its transaction from `prove_since_tx`. `None` when the
+    /// key does not exist (immudb cannot prove absence). Nothing is verified here; see
+    /// [`verified_get`](Self::verified_get).
+    pub async fn verifiable_get(
+        &self,
+        key: &[u8],
+        at_tx: Option<u64>,
+        prove_since_tx: u64,
+    ) -> Result<Option<proto::VerifiableEntry>, ImmudbError> {
+        let result = self
+            .call_raw("verifiable get", |mut grpc, sid| {
+                let request = with_session(
+                    proto::VerifiableGetRequest {
+                        key_request: Some(proto::KeyRequest {
+                            key: key.to_vec(),
+                            at_tx: at_tx.unwrap_or(0),
+                            ..Default::default()
+                        }),
+                        prove_since_tx,
+                    },
+                    sid,
+                );
+                async move { grpc.verifiable_get(request).await }
+            })
+            .await?;
+        match result {
+            Ok(entry) => Ok(Some(entry)),
+            Err(status) if is_key_not_found(&status) => Ok(None),
+            Err(status) => Err(classify("verifiable get", &status)),
+        }
+    }
+
+    /// Transaction `tx` (header and the digests of all its entries) with a dual proof between
+    /// it and `prove_since_tx`. Nothing is verified here; see
+    /// [`verified_tx_by_id`](Self::verified_tx_by_id).
+    pub async fn verifiable_tx_by_id(
+        &self,
+        tx: u64,
+        prove_since_tx: u64,
+    ) -> Result<proto::VerifiableTx, ImmudbError> {
+        self.call("verifiable tx by id", |mut grpc, sid| {
+            let request = with_session(
+                proto::VerifiableTxRequest {
+                    tx,
+                    prove_since_tx,
+                    ..Default::default()
+                },
+                sid,
+            );
+            async move { grpc.verifiable_tx_by_id(request).await }
+        })
+        .await
+    }
+
+    /// Writes `kvs` in one transaction (as [`set_all`](Self::set_all)) and verifies the
+    /// server's proofs before returning: every written key/value is in the new transaction
+    /// (its entry digest, computed here from the bytes we sent, is included in the tx's `eH`),
+    /// the transaction extends the history of `trusted` (dual proof), and — with
+    /// [`with_server_signing_key`](Self::with_server_signing_key) — the server signed the new
+    /// state. Returns the header and the new trusted state to use for the next call.
+    ///
+    /// A fresh `trusted` ([`TrustedState::fresh`], tx 0) is trust on first use: the new
+    /// transaction is checked against what was written and for internal consistency, but
+    /// nothing links it to an earlier state.
+    ///
+    /// Failures: [`ImmudbError::VerificationFailed`] when a proof fails (never transient; the
+    /// transaction may be committed all the same), otherwise as [`set_all`](Self::set_all).
+    /// Concurrent callers may verify from the same trusted state; keep the returned state
+    /// with the highest `tx_id`.
+    pub async fn verify_set_batch(
+        &self,
+        kvs: &[KeyValue],
+        must_not_exist: bool,
+        trusted: &TrustedState,
+    ) -> Result<(TxHeader, TrustedState), ImmudbError> {
+        let op = "verified set";
+        let db = self.checked_database(op, trusted)?;
+        let answer = self
+            .verifiable_set_all(kvs, must_not_exist, trusted.tx_id)
+            .await
+            .map_err(|e| behind_trusted_state(op, e, trusted))?;
+        let ctx = VerifyContext {
+            db: &db,
+            trusted,
+            server_key: self.server_key.as_ref(),
+        };
+        verify_set_answer(&ctx, kvs, &answer)
+            .map_err(|source| ImmudbError::VerificationFailed { op, source })
+    }
+
+    /// Reads `key` (as written by `at_tx`, or its latest value) and returns it only if the
+    /// proofs verify: the entry is included in its transaction, that transaction and
+    /// `trusted` are linked by a dual proof, and the state is signed when a server key is set.
+    /// Returns the entry and the new trusted state (the entry's transaction when newer than
+    /// `trusted`, else `trusted` unchanged); `None` when the key does not exist. A fresh
+    /// `trusted` is trust on first use, as for [`verify_set_batch`](Self::verify_set_batch).
+    pub async fn verified_get(
+        &self,
+        key: &[u8],
+        at_tx: Option<u64>,
+        trusted: &TrustedState,
+    ) -> Result<Option<(Entry, TrustedState)>, ImmudbError> {
+        let op = "verified get";
+        let db = self.checked_database(op, trusted)?;
+        let Some(answer) = self
+            .verifiable_get(key, at_tx, trusted.tx_id)
+            .await
+            .map_err(|e| behind_trusted_state(op, e, trusted))?
+        else {
+            return Ok(None);
+        };
+        let ctx = VerifyContext {
+            db: &db,
+            trusted,
+            server_key: self.server_key.as_ref(),
+        };
+        verify_get_answer(&ctx, key, at_tx, &answer)
+            .map(Some)
+            .map_err(|source| ImmudbError::VerificationFailed { op, source })
+    }
+
+    /// Fetches transaction `tx` and returns it only if it is linked to `trusted` by a dual
+    /// proof (either direction), its listed entry digests rebuild its `eH`, and the state is
+    /// signed when a server key is set. Returns the transaction and the new trusted state.
+    pub async fn verified_tx_by_id(
+        &self,
+        tx: u64,
+        trusted: &TrustedState,
+    ) -> Result<(proto::Tx, TrustedState), ImmudbError> {
+        let op = "verified tx by id";
+        let db = self.checked_database(op, trusted)?;
+        let answer = self
+            .verifiable_tx_by_id(tx, trusted.tx_id)
+            .await
+            .map_err(|e| behind_trusted_state(op, e, trusted))?;
+        let ctx = VerifyContext {
+            db: &db,
+            trusted,
+            server_key: self.server_key.as_ref(),
+        };
+        verify_tx_answer(&ctx, tx, &answer)
+            .map_err(|source| ImmudbError::VerificationFailed { op, source })
+    }
+
+    /// The database name, refusing a trusted state of another database before any request.
+    fn checked_database(
+        &self,
+        op: &'static str,
+        trusted: &TrustedState,
+    ) -> Result<String, ImmudbError> {
+        let db = self.database();
+        if trusted.db != db {
+            return Err(ImmudbError::VerificationFailed {
+                op,
+                source: VerificationError::TrustedState(format!(
+                    "it is for database '{}', this client is on '{db}'",
+                    trusted.db
+                )),
+            });
+        }
+        Ok(db)
     }
 
     /// Cheap readiness probe: a KeepAlive on our session. It proves the server answers and
@@ -746,7 +960,10 @@ fn spawn_keepalive(client: Weak<Inner>, stop: CancellationToken) {
                 _ = ticker.tick() => {}
             }
             let Some(inner) = client.upgrade() else { break };
-            let client = ImmudbClient { inner };
+            let client = ImmudbClient {
+                inner,
+                server_key: None,
+            };
             match stop.run_until_cancelled(client.health()).await {
                 None | Some(Ok(())) | Some(Err(ImmudbError::Closed)) => {}
                 Some(Err(error)) => tracing::warn!(%error, "immudb session keep-alive failed"),
@@ -754,4 +971,27 @@ fn spawn_keepalive(client: Weak<Inner>, stop: CancellationToken) {
         }
         tracing::debug!("immudb keep-alive task stopped");
     });
+}
+
+/// immudb refuses a proof from a tx it does not have with a plain "illegal state" error.
+/// Against a trusted state the client verified earlier, that means the server lost or rolled
+/// back history: a verification failure, not an invalid request.
+fn behind_trusted_state(
+    op: &'static str,
+    error: ImmudbError,
+    trusted: &TrustedState,
+) -> ImmudbError {
+    let rolled_back = trusted.tx_id > 0
+        && matches!(&error, ImmudbError::Permanent { message, .. } | ImmudbError::Transient { message, .. } | ImmudbError::InvalidArgument { message, .. } if message.contains("illegal state"));
+    if rolled_back {
+        ImmudbError::VerificationFailed {
+            op,
+            source: VerificationError::TrustedState(format!(
+                "the server does not have the trusted tx {} any more ({error})",
+                trusted.tx_id
+            )),
+        }
+    } else {
+        error
+    }
 }

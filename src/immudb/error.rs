@@ -87,6 +87,17 @@ pub enum ImmudbError {
     /// [`ImmudbClient::close`](super::ImmudbClient::close) was called on this client or a clone.
     #[error("immudb client is closed")]
     Closed,
+    /// The server's answer did not prove what it claims: possible tampering with immudb's
+    /// data, a forked or rolled-back history, or a wrong trusted state / signing key. Never
+    /// transient. For a write, the transaction may nevertheless have been committed.
+    #[error("immudb {op}: verification failed: {source}")]
+    VerificationFailed {
+        /// The operation whose answer failed verification.
+        op: &'static str,
+        /// The check that failed.
+        #[source]
+        source: super::verify::VerificationError,
+    },
 }
 
 impl ImmudbError {

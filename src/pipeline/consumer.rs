@@ -6,7 +6,15 @@
 //! the pipeline, blocks on the reply, and commits the offsets the reply carries before librdkafka
 //! gives the partitions up. The same thread performs every other commit, so the consumer handle
 //! is never shared with (or dropped on) an async task.
+//!
+//! The thread never blocks on the pipeline: when the pipeline is full (a slow store, an open
+//! circuit) or too many payload bytes are in flight, it pauses every assigned partition and
+//! keeps polling, so heartbeats, rebalances and `max.poll.interval.ms` are served while Kafka
+//! holds the backlog. It resumes when the pipeline has room again.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use super::offsets::TopicPartition;
 use super::record::SourceRecord;
 use crate::config::KafkaSettings;
+use crate::http::Health;
+use crate::metrics::metrics;
 
 /// What the poll thread tells the pipeline, in the order it happened.
 #[derive(Debug)]
@@ -44,14 +54,143 @@ pub enum ConsumerCommand {
     Commit(Vec<(TopicPartition, i64)>),
 }
 
-/// The librdkafka context: forwards rebalances to the pipeline and logs client errors.
+/// Payload bytes received from Kafka and not yet handled, shared by the poll thread (adds) and
+/// the writers (subtract).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    bytes: AtomicI64,
+}
+
+impl InFlight {
+    pub fn add(&self, bytes: usize) {
+        let now = self.bytes.fetch_add(bytes as i64, Ordering::Relaxed) + bytes as i64;
+        metrics().in_flight_bytes.set(now);
+    }
+
+    pub fn sub(&self, bytes: usize) {
+        let now = self.bytes.fetch_sub(bytes as i64, Ordering::Relaxed) - bytes as i64;
+        metrics().in_flight_bytes.set(now);
+    }
+
+    pub fn bytes(&self) -> i64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The librdkafka context: forwards records and rebalances to the pipeline in order, pauses
+/// under backpressure, reports lag, logs client errors.
 pub struct PipelineContext {
     events: mpsc::Sender<ConsumerEvent>,
+    /// Events polled but not yet accepted by the pipeline (full channel), oldest first. Only the
+    /// poll thread touches it; the mutex just makes the context `Sync`.
+    held: Mutex<VecDeque<ConsumerEvent>>,
+    paused: AtomicBool,
+    health: Arc<Health>,
+    in_flight: Arc<InFlight>,
+    max_in_flight_bytes: i64,
+}
+
+impl PipelineContext {
+    fn held(&self) -> std::sync::MutexGuard<'_, VecDeque<ConsumerEvent>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues an event behind the ones already held.
+    fn hold(&self, event: ConsumerEvent) {
+        if let ConsumerEvent::Record(record) = &event {
+            self.in_flight.add(record.payload_bytes().len());
+        }
+        self.held().push_back(event);
+    }
+
+    /// Hands held events to the pipeline until it is full. Returns false once the pipeline is gone.
+    fn deliver_held(&self) -> bool {
+        let mut held = self.held();
+        while let Some(event) = held.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    held.push_front(event);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        true
+    }
+
+    fn backpressured(&self) -> bool {
+        !self.held().is_empty() || self.in_flight.bytes() > self.max_in_flight_bytes
+    }
+
+    /// Pauses or resumes every assigned partition to match the backpressure.
+    fn apply_backpressure(&self, consumer: &BaseConsumer<Self>) {
+        let wanted = self.backpressured();
+        if wanted == self.paused.load(Ordering::Relaxed) {
+            return;
+        }
+        let assignment = match consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the assignment to pause or resume");
+                return;
+            }
+        };
+        let result = if wanted {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => {
+                self.paused.store(wanted, Ordering::Relaxed);
+                metrics().consumer_paused.set(i64::from(wanted));
+                tracing::debug!(
+                    paused = wanted,
+                    in_flight_bytes = self.in_flight.bytes(),
+                    "fetching paused/resumed by backpressure"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "cannot pause or resume partitions"),
+        }
+    }
+
+    /// Delivers `event` after everything held, waiting (and beating) until the pipeline took
+    /// it. Used from the rebalance callback, where order matters and the reply must follow.
+    fn deliver_in_order(&self, event: ConsumerEvent) -> bool {
+        self.held().push_back(event);
+        loop {
+            self.health.beat();
+            if !self.deliver_held() {
+                return false;
+            }
+            if self.held().is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 impl ClientContext for PipelineContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "kafka client error");
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; negative lag is "unknown".
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics()
+                        .consumer_lag
+                        .with_label_values(&[topic, &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
     }
 }
 
@@ -62,34 +201,56 @@ impl ConsumerContext for PipelineContext {
         };
         let partitions = partitions_of(list);
         tracing::info!(partitions = %describe(&partitions), "partitions revoked; draining them before hand-over");
-        let (reply, answer) = oneshot::channel();
-        let event = ConsumerEvent::Revoked { partitions, reply };
-        if self.events.blocking_send(event).is_err() {
+        let (reply, mut answer) = oneshot::channel();
+        let event = ConsumerEvent::Revoked {
+            partitions: partitions.clone(),
+            reply,
+        };
+        // Records of these partitions polled earlier are held or queued ahead of this event.
+        if !self.deliver_in_order(event) {
             return; // the pipeline is gone: nothing in flight can be committed anyway
         }
-        match answer.blocking_recv() {
-            Ok(offsets) if !offsets.is_empty() => {
-                match consumer.commit(&to_list(&offsets), CommitMode::Sync) {
-                    Ok(()) => {
-                        tracing::info!(offsets = %describe_offsets(&offsets), "committed revoked partitions")
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "commit of revoked partitions failed; their events will be redelivered and deduplicated")
-                    }
+        let answer = loop {
+            self.health.beat();
+            match answer.try_recv() {
+                Ok(offsets) => break Some(offsets),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    std::thread::sleep(Duration::from_millis(5))
                 }
+                Err(oneshot::error::TryRecvError::Closed) => break None,
             }
-            Ok(_) | Err(_) => {}
+        };
+        for tp in &partitions {
+            let _ = metrics()
+                .consumer_lag
+                .remove_label_values(&[&tp.topic, &tp.partition.to_string()]);
+        }
+        if let Some(offsets) = answer.filter(|offsets| !offsets.is_empty()) {
+            match consumer.commit(&to_list(&offsets), CommitMode::Sync) {
+                Ok(()) => {
+                    tracing::info!(offsets = %describe_offsets(&offsets), "committed revoked partitions")
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    "commit of revoked partitions failed; their events will be redelivered and deduplicated"
+                ),
+            }
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 let partitions = partitions_of(list);
                 tracing::info!(partitions = %describe(&partitions), "partitions assigned");
-                let _ = self
-                    .events
-                    .blocking_send(ConsumerEvent::Assigned(partitions));
+                self.health.set_in_group(true);
+                // New partitions join the pause while the pipeline is backpressured.
+                if self.paused.load(Ordering::Relaxed)
+                    && let Err(error) = consumer.pause(list)
+                {
+                    tracing::warn!(%error, "cannot pause newly assigned partitions");
+                }
+                self.hold(ConsumerEvent::Assigned(partitions));
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
@@ -97,17 +258,28 @@ impl ConsumerContext for PipelineContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            tracing::warn!(%error, partitions = offsets.count(), "offset commit failed; a later commit supersedes it");
+        match result {
+            Ok(()) => metrics().offsets_committed.inc_by(offsets.count() as u64),
+            Err(error) => {
+                tracing::warn!(%error, partitions = offsets.count(), "offset commit failed; a later commit supersedes it")
+            }
         }
     }
+}
+
+/// What the consumer shares with the rest of the daemon.
+pub struct ConsumerLinks {
+    pub events: mpsc::Sender<ConsumerEvent>,
+    pub health: Arc<Health>,
+    pub in_flight: Arc<InFlight>,
+    pub max_in_flight_bytes: u64,
 }
 
 /// Builds the consumer and subscribes to the configured topics.
 pub fn create(
     settings: &KafkaSettings,
     instance_id: &str,
-    events: mpsc::Sender<ConsumerEvent>,
+    links: ConsumerLinks,
 ) -> KafkaResult<BaseConsumer<PipelineContext>> {
     let mut config = ClientConfig::new();
     config
@@ -135,15 +307,24 @@ pub fn create(
         // Bound what librdkafka prefetches (memory) while keeping batches fed.
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.max.bytes", "16777216")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Per-partition consumer lag for `audit_consumer_lag`.
+        .set("statistics.interval.ms", "5000");
     for (name, value) in &settings.client_properties {
         config.set(name, value);
     }
     if let Some(password) = &settings.sasl_password {
         config.set("sasl.password", password.expose_secret());
     }
-    let consumer: BaseConsumer<PipelineContext> =
-        config.create_with_context(PipelineContext { events })?;
+    let context = PipelineContext {
+        events: links.events,
+        held: Mutex::new(VecDeque::new()),
+        paused: AtomicBool::new(false),
+        health: links.health,
+        in_flight: links.in_flight,
+        max_in_flight_bytes: i64::try_from(links.max_in_flight_bytes).unwrap_or(i64::MAX),
+    };
+    let consumer: BaseConsumer<PipelineContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
@@ -153,29 +334,33 @@ pub fn create(
 /// group, running the revocation callback once more).
 pub fn spawn_poll_thread(
     consumer: BaseConsumer<PipelineContext>,
-    events: mpsc::Sender<ConsumerEvent>,
     mut commands: mpsc::Receiver<ConsumerCommand>,
     stop: CancellationToken,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("kafka-poll".into())
         .spawn(move || {
+            let context = consumer.context();
             while !stop.is_cancelled() {
+                context.health.beat();
                 while let Ok(command) = commands.try_recv() {
                     run_command(&consumer, command);
                 }
-                match consumer.poll(Duration::from_millis(50)) {
+                if !context.deliver_held() {
+                    break;
+                }
+                context.apply_backpressure(&consumer);
+                // While held events wait, poll briefly so they are handed over as soon as there is room.
+                let timeout = if context.held().is_empty() { 50 } else { 5 };
+                match consumer.poll(Duration::from_millis(timeout)) {
                     None => {}
                     Some(Ok(message)) => {
                         let record = SourceRecord::from_message(&message);
                         drop(message);
-                        if events.blocking_send(ConsumerEvent::Record(record)).is_err() {
-                            break;
-                        }
+                        context.hold(ConsumerEvent::Record(record));
                     }
                     Some(Err(error)) if is_fatal(&error) => {
-                        let _ = events.blocking_send(ConsumerEvent::Fatal(error));
-                        break;
+                        context.hold(ConsumerEvent::Fatal(error));
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "kafka consumer error; librdkafka retries by itself")
@@ -185,6 +370,10 @@ pub fn spawn_poll_thread(
             while let Ok(command) = commands.try_recv() {
                 run_command(&consumer, command);
             }
+            // Records still held were never handed over: not tracked, so never committed.
+            context
+                .held()
+                .retain(|event| !matches!(event, ConsumerEvent::Record(_)));
             tracing::info!("leaving the consumer group");
             drop(consumer);
         })

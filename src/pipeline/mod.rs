@@ -26,15 +26,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::batcher::{Batch, Batcher};
-use self::consumer::{ConsumerCommand, ConsumerEvent};
+use self::consumer::{ConsumerCommand, ConsumerEvent, InFlight};
 use self::dlq::{DeadLetter, DlqProducer, ErrorClass, Stage};
 use self::offsets::{OffsetTracker, TopicPartition};
 use self::record::SourceRecord;
 use self::writer::{BatchItem, StoreContext, ValidEvent};
 use crate::config::Settings;
 use crate::event;
+use crate::http::Health;
 use crate::immudb::ImmudbClient;
-use crate::resilience::RetryPolicy;
+use crate::resilience::{CircuitBreaker, RetryPolicy};
 
 /// Why the pipeline stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
@@ -64,24 +65,41 @@ pub struct Sinks {
     pub dlq: DlqProducer,
 }
 
+/// State the pipeline shares with the HTTP sidecar.
+pub struct Shared {
+    pub health: Arc<Health>,
+    pub immudb_breaker: Arc<CircuitBreaker>,
+    pub pg_breaker: Arc<CircuitBreaker>,
+}
+
 /// Runs until `shutdown` fires (then drains, commits and leaves the group) or a fatal error.
 pub async fn run(
     settings: &Settings,
     sinks: Sinks,
+    shared: &Shared,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
     let kafka = &settings.kafka;
     let (events_tx, events) = mpsc::channel(kafka.batch_size * 2);
     let (commands_tx, commands) = mpsc::channel(64);
-    let consumer = consumer::create(kafka, &settings.instance_id, events_tx.clone())?;
+    let in_flight = Arc::new(InFlight::default());
+    let links = consumer::ConsumerLinks {
+        events: events_tx,
+        health: shared.health.clone(),
+        in_flight: in_flight.clone(),
+        max_in_flight_bytes: settings.max_in_flight_bytes,
+    };
+    let consumer = consumer::create(kafka, &settings.instance_id, links)?;
     let stop_polling = CancellationToken::new();
-    let poll_thread =
-        consumer::spawn_poll_thread(consumer, events_tx, commands, stop_polling.clone())?;
+    let poll_thread = consumer::spawn_poll_thread(consumer, commands, stop_polling.clone())?;
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let (progress, progress_rx) = watch::channel(0u64);
     let hard_stop = CancellationToken::new();
     let store = Arc::new(StoreContext {
+        immudb_breaker: shared.immudb_breaker.clone(),
+        pg_breaker: shared.pg_breaker.clone(),
+        in_flight,
         immudb: sinks.immudb,
         pg: sinks.pg,
         dlq: sinks.dlq,
@@ -107,6 +125,7 @@ pub async fn run(
         tracker,
         progress: progress_rx,
         invalid_runs: HashMap::new(),
+        interrupt: shutdown.clone(),
     };
     let outcome = dispatcher.consume(events, &shutdown).await;
     let (mut events, stop_reason) = match outcome {
@@ -115,9 +134,20 @@ pub async fn run(
     };
 
     // Drain: stop fetching, store what is in flight, answer the final revocation (the close of
-    // the consumer) with the positions reached, and wait until the poll thread has left.
+    // the consumer) with the positions reached, and wait until the poll thread has left. One
+    // deadline bounds it all: when it passes, whatever still waits (an open circuit, an
+    // unconfirmed DLQ write) is abandoned uncommitted and redelivered after the restart.
+    shared.health.set_stopping();
     stop_polling.cancel();
     let deadline = Instant::now() + settings.shutdown_timeout;
+    tokio::spawn({
+        let hard_stop = hard_stop.clone();
+        async move {
+            tokio::time::sleep_until(deadline).await;
+            hard_stop.cancel();
+        }
+    });
+    dispatcher.interrupt = hard_stop.clone();
     dispatcher.flush_all().await;
     dispatcher.writers.clear();
     tasks.close();
@@ -132,9 +162,8 @@ pub async fn run(
                     let _ = reply.send(dispatcher.release(&partitions));
                 }
             }
-            () = tokio::time::sleep_until(deadline), if !hard_stop.is_cancelled() => {
+            () = hard_stop.cancelled(), if !finished => {
                 tracing::warn!("drain deadline reached; events still in flight stay uncommitted and will be redelivered");
-                hard_stop.cancel();
                 finished = true;
                 for (partitions, reply) in parked_revocations.drain(..) {
                     let _ = reply.send(dispatcher.release(&partitions));
@@ -176,6 +205,9 @@ struct Dispatcher<'a> {
     progress: watch::Receiver<u64>,
     /// Consecutive invalid events per partition, for the flood cap.
     invalid_runs: HashMap<TopicPartition, u64>,
+    /// Abandons a dispatch waiting on a full writer queue: the shutdown signal while consuming,
+    /// the drain deadline while draining. An abandoned batch stays uncommitted.
+    interrupt: CancellationToken,
 }
 
 type ConsumeResult =
@@ -353,21 +385,7 @@ fn spawn_writer(tasks: &TaskTracker, store: Arc<StoreContext>) -> mpsc::Sender<B
     let (tx, mut rx) = mpsc::channel::<Batch<BatchItem>>(1);
     tasks.spawn(async move {
         while let Some(batch) = rx.recv().await {
-            let topic = batch.topic.clone();
-            let size = batch.items.len();
-            let started = Instant::now();
-            let report = store.store_batch(batch).await;
-            tracing::info!(
-                %topic,
-                size,
-                stored = report.stored,
-                duplicates = report.duplicates,
-                dead_letters = report.dead_letters,
-                unconfirmed = report.unconfirmed,
-                immudb_tx = report.immudb_tx,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "batch done"
-            );
+            store.store_batch(batch).await;
         }
     });
     tx

@@ -14,13 +14,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::batcher::Batch;
+use super::consumer::InFlight;
 use super::dlq::{DeadLetter, DlqProducer, ErrorClass, Stage};
 use super::offsets::{OffsetTicket, OffsetTracker};
 use super::record::SourceRecord;
 use crate::event::AuditEvent;
 use crate::immudb::{ImmudbClient, ImmudbError, KeyValue};
+use crate::metrics::metrics;
 use crate::postgres::{self, ReplicaRow};
-use crate::resilience::{Failure, RetryPolicy};
+use crate::resilience::{CircuitBreaker, Failure, RetryPolicy};
+use tracing::Instrument;
 
 /// A decoded, valid event waiting in a batch.
 #[derive(Debug)]
@@ -38,6 +41,43 @@ pub enum BatchItem {
     Dead(Box<DeadLetter>, OffsetTicket),
 }
 
+impl BatchItem {
+    fn payload_len(&self) -> usize {
+        match self {
+            BatchItem::Valid(event, _) => event.record.payload_bytes().len(),
+            BatchItem::Dead(letter, _) => letter.record.payload_bytes().len(),
+        }
+    }
+
+    fn offset(&self) -> i64 {
+        match self {
+            BatchItem::Valid(event, _) => event.record.offset,
+            BatchItem::Dead(letter, _) => letter.record.offset,
+        }
+    }
+}
+
+/// Lowest and highest offset of a batch (over all its partitions), for the batch span.
+fn offset_range(items: &[BatchItem]) -> (i64, i64) {
+    let offsets = items.iter().map(BatchItem::offset);
+    let low = offsets.clone().min().unwrap_or(-1);
+    let high = offsets.max().unwrap_or(-1);
+    (low, high)
+}
+
+/// Feeds a store's breaker: a batch whose events all exhausted their retries at `stage` is a
+/// failure; one that got anything through is a success.
+fn record_outcome(breaker: &CircuitBreaker, fates: &[Fate], stage: Stage) {
+    let exhausted = fates.iter().any(
+        |f| matches!(f, Fate::Dead { class: ErrorClass::RetryExhausted, stage: s, .. } if *s == stage),
+    );
+    if exhausted {
+        breaker.record_failure();
+    } else {
+        breaker.record_success();
+    }
+}
+
 /// What happened to a batch, for logs and the caller's counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
@@ -52,6 +92,10 @@ pub struct BatchReport {
 
 /// Everything a writer needs; shared by the per-topic writer tasks.
 pub struct StoreContext {
+    pub immudb_breaker: Arc<CircuitBreaker>,
+    pub pg_breaker: Arc<CircuitBreaker>,
+    /// Payload bytes in flight; a finished batch gives its bytes back.
+    pub in_flight: Arc<InFlight>,
     pub immudb: ImmudbClient,
     pub pg: PgPool,
     pub dlq: DlqProducer,
@@ -89,10 +133,61 @@ impl StoreContext {
     /// Stores a batch and marks its offsets done. Never fails: what cannot be stored is
     /// dead-lettered, and what cannot be dead-lettered stays uncommitted.
     pub async fn store_batch(&self, batch: Batch<BatchItem>) -> BatchReport {
+        let topic = batch.topic;
+        let size = batch.items.len();
+        let bytes: usize = batch.items.iter().map(BatchItem::payload_len).sum();
+        let (first_offset, last_offset) = offset_range(&batch.items);
+        let span = tracing::info_span!(
+            "batch",
+            %topic,
+            size,
+            first_offset,
+            last_offset,
+            immudb_tx = tracing::field::Empty,
+            links = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let report = self
+            .store_items(&topic, batch.items)
+            .instrument(span.clone())
+            .await;
+        if let Some(tx) = report.immudb_tx {
+            span.record("immudb_tx", tx);
+        }
+        self.in_flight.sub(bytes);
+        let m = metrics();
+        m.batch_size.observe(size as f64);
+        m.event_processing_duration
+            .with_label_values(&[&topic])
+            .observe(started.elapsed().as_secs_f64());
+        m.events_processed
+            .with_label_values(&[&topic, "stored"])
+            .inc_by(report.stored as u64);
+        m.events_processed
+            .with_label_values(&[&topic, "duplicate"])
+            .inc_by(report.duplicates as u64);
+        m.events_processed
+            .with_label_values(&[&topic, "dead_lettered"])
+            .inc_by(report.dead_letters as u64);
+        span.in_scope(|| {
+            tracing::info!(
+                stored = report.stored,
+                duplicates = report.duplicates,
+                dead_letters = report.dead_letters,
+                unconfirmed = report.unconfirmed,
+                immudb_tx = report.immudb_tx,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "batch done"
+            )
+        });
+        report
+    }
+
+    async fn store_items(&self, topic: &str, items: Vec<BatchItem>) -> BatchReport {
         let mut valid = Vec::new();
         let mut tickets_valid = Vec::new();
         let mut dead = Vec::new();
-        for item in batch.items {
+        for item in items {
             match item {
                 BatchItem::Valid(event, ticket) => {
                     valid.push(*event);
@@ -101,14 +196,53 @@ impl StoreContext {
                 BatchItem::Dead(letter, ticket) => dead.push((*letter, ticket)),
             }
         }
+        let abandoned = BatchReport {
+            unconfirmed: valid.len() + dead.len(),
+            ..BatchReport::default()
+        };
 
         let mut fates = mark_in_batch_duplicates(&valid);
-        self.write_immudb(&valid, &mut fates).await;
-        self.write_postgres(&valid, &mut fates).await;
+        if fates.iter().any(|f| matches!(f, Fate::Pending)) {
+            // While immudb's circuit is open the batch waits here (it is not dead-lettered); the
+            // full queues behind it pause the consumer.
+            let probe = || async { self.immudb.health().await };
+            if self
+                .immudb_breaker
+                .wait_closed(probe, &self.hard_stop)
+                .await
+                .is_err()
+            {
+                return abandoned;
+            }
+            let started = std::time::Instant::now();
+            self.write_immudb(&valid, &mut fates).await;
+            metrics()
+                .immudb_write_duration
+                .observe(started.elapsed().as_secs_f64());
+            record_outcome(&self.immudb_breaker, &fates, Stage::Immudb);
+        }
+        if fates.iter().any(|f| matches!(f, Fate::InImmudb { .. })) {
+            let probe = || async { sqlx::query("SELECT 1").execute(&self.pg).await.map(|_| ()) };
+            if self
+                .pg_breaker
+                .wait_closed(probe, &self.hard_stop)
+                .await
+                .is_err()
+            {
+                return abandoned;
+            }
+            let started = std::time::Instant::now();
+            self.write_postgres(&valid, &mut fates).await;
+            metrics()
+                .postgres_write_duration
+                .observe(started.elapsed().as_secs_f64());
+            record_outcome(&self.pg_breaker, &fates, Stage::Postgres);
+        }
 
         let mut report = BatchReport::default();
+        let now = chrono::Utc::now();
         for i in 0..fates.len() {
-            // Events that shared a key with an earlier one of the batch follow its fate.
+            // Events that shared an event_id with an earlier one of the batch follow its fate.
             if let Fate::SameAs(first) = fates[i] {
                 fates[i] = match &fates[first] {
                     Fate::Dead { .. } => fates[first].clone(),
@@ -122,6 +256,10 @@ impl StoreContext {
                 } => {
                     report.stored += 1;
                     report.immudb_tx = report.immudb_tx.max(Some(tx));
+                    let age = (now - valid[i].event.timestamp_utc())
+                        .num_milliseconds()
+                        .max(0);
+                    metrics().event_age.observe(age as f64 / 1000.0);
                 }
                 Fate::InImmudb {
                     written_now: false, ..
@@ -129,6 +267,11 @@ impl StoreContext {
                 | Fate::Redelivered => report.duplicates += 1,
                 _ => {}
             }
+        }
+        if let Some(tx) = report.immudb_tx {
+            metrics()
+                .immudb_last_tx_id
+                .set(i64::try_from(tx).unwrap_or(i64::MAX));
         }
 
         let mut done = Vec::with_capacity(valid.len() + dead.len());
@@ -140,38 +283,54 @@ impl StoreContext {
                     kind,
                     message,
                     attempts,
-                } => dead.push((
-                    DeadLetter {
-                        record: event.record,
-                        class,
-                        stage,
-                        kind,
-                        message: format!("event_id {}: {message}", event.event.event_id),
-                        attempts,
-                    },
-                    ticket,
-                )),
+                } => {
+                    tracing::warn!(
+                        event_id = %event.event.event_id,
+                        trace_id = event.event.trace_id.as_deref(),
+                        correlation_id = event.event.correlation_id.as_deref(),
+                        offset = event.record.offset,
+                        partition = event.record.partition,
+                        class = class.as_str(),
+                        stage = stage.as_str(),
+                        error = %message,
+                        "event cannot be stored; dead-lettering it"
+                    );
+                    dead.push((
+                        DeadLetter {
+                            record: event.record,
+                            class,
+                            stage,
+                            kind,
+                            message: format!("event_id {}: {message}", event.event.event_id),
+                            attempts,
+                        },
+                        ticket,
+                    ))
+                }
                 _ => done.push((event.record.topic_partition(), ticket)),
             }
         }
 
         let sends = dead.iter().map(|(letter, _)| async move {
-            tracing::warn!(
-                topic = %letter.record.topic,
-                partition = letter.record.partition,
-                offset = letter.record.offset,
-                class = letter.class.as_str(),
-                stage = letter.stage.as_str(),
-                kind = %letter.kind,
-                error = %letter.message,
-                "dead-lettering event"
-            );
+            if letter.stage == Stage::Decode {
+                tracing::warn!(
+                    partition = letter.record.partition,
+                    offset = letter.record.offset,
+                    kind = %letter.kind,
+                    error = %letter.message,
+                    "invalid event; dead-lettering it"
+                );
+            }
             self.dlq.send(letter, &self.hard_stop).await
         });
         let results = futures::future::join_all(sends).await;
         for ((letter, ticket), result) in dead.iter().zip(results) {
             if result.is_ok() {
                 report.dead_letters += 1;
+                metrics()
+                    .dlq_events
+                    .with_label_values(&[topic, letter.class.as_str()])
+                    .inc();
                 done.push((letter.record.topic_partition(), *ticket));
             } else {
                 report.unconfirmed += 1;

@@ -1,0 +1,204 @@
+//! Every Prometheus metric of the daemon, defined in one place, in one registry.
+//!
+//! Names follow the specs (`audit_` prefix, units in the name). Buckets are chosen for the real
+//! ranges: a batch takes milliseconds to seconds (seconds to minutes while retrying), an event
+//! waits milliseconds to minutes between its timestamp and storage.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const EVENTS_PROCESSED: &str = "audit_events_processed_total";
+pub const EVENT_PROCESSING_DURATION: &str = "audit_event_processing_duration_seconds";
+pub const BATCH_SIZE: &str = "audit_batch_size";
+pub const CONSUMER_LAG: &str = "audit_consumer_lag";
+pub const IMMUDB_OPERATIONS: &str = "audit_immudb_operations_total";
+pub const IMMUDB_WRITE_DURATION: &str = "audit_immudb_write_duration_seconds";
+pub const POSTGRES_OPERATIONS: &str = "audit_postgres_operations_total";
+pub const POSTGRES_WRITE_DURATION: &str = "audit_postgres_write_duration_seconds";
+pub const CIRCUIT_BREAKER_STATE: &str = "audit_circuit_breaker_state";
+pub const DLQ_EVENTS: &str = "audit_dlq_events_total";
+pub const RETRIES: &str = "audit_retries_total";
+pub const OFFSETS_COMMITTED: &str = "audit_offsets_committed_total";
+pub const IMMUDB_LAST_TX_ID: &str = "audit_immudb_last_tx_id";
+pub const EVENT_AGE: &str = "audit_event_age_seconds";
+pub const IN_FLIGHT_BYTES: &str = "audit_in_flight_bytes";
+pub const CONSUMER_PAUSED: &str = "audit_consumer_paused";
+
+/// Latency of one batch through a store or the whole pipeline: 1 ms … ~2 min.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Events per batch, up to immudb's 1,024 entries per transaction.
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 1024.0,
+];
+/// Event timestamp → stored: 10 ms … 1 day (replays and backlogs are old).
+const AGE_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0,
+];
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `{topic, status}` with status `stored`, `duplicate` or `dead_lettered`.
+    pub events_processed: IntCounterVec,
+    pub event_processing_duration: HistogramVec,
+    pub batch_size: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    /// `{operation, status}` with status `ok` or `error`.
+    pub immudb_operations: IntCounterVec,
+    pub immudb_write_duration: Histogram,
+    pub postgres_operations: IntCounterVec,
+    pub postgres_write_duration: Histogram,
+    /// `{service}`: 0 closed, 1 half-open, 2 open.
+    pub circuit_breaker_state: IntGaugeVec,
+    /// `{topic, reason}` with reason `invalid`, `conflict` or `retry_exhausted`.
+    pub dlq_events: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub offsets_committed: IntCounter,
+    pub immudb_last_tx_id: IntGauge,
+    pub event_age: Histogram,
+    pub in_flight_bytes: IntGauge,
+    pub consumer_paused: IntGauge,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition")
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("static metric definition")
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let m = Metrics {
+            registry: Registry::new(),
+            events_processed: counter_vec(
+                EVENTS_PROCESSED,
+                "Events handled, by outcome.",
+                &["topic", "status"],
+            ),
+            event_processing_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    EVENT_PROCESSING_DURATION,
+                    "Time to store one batch in both stores and the DLQ.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["topic"],
+            )
+            .expect("static metric definition"),
+            batch_size: histogram(BATCH_SIZE, "Events per batch.", BATCH_SIZE_BUCKETS),
+            consumer_lag: IntGaugeVec::new(
+                Opts::new(
+                    CONSUMER_LAG,
+                    "Messages between the committed offset and the log end.",
+                ),
+                &["topic", "partition"],
+            )
+            .expect("static metric definition"),
+            immudb_operations: counter_vec(
+                IMMUDB_OPERATIONS,
+                "immudb requests, by outcome.",
+                &["operation", "status"],
+            ),
+            immudb_write_duration: histogram(
+                IMMUDB_WRITE_DURATION,
+                "Time of one batch's immudb write, retries included.",
+                DURATION_BUCKETS,
+            ),
+            postgres_operations: counter_vec(
+                POSTGRES_OPERATIONS,
+                "PostgreSQL statements, by outcome.",
+                &["operation", "status"],
+            ),
+            postgres_write_duration: histogram(
+                POSTGRES_WRITE_DURATION,
+                "Time of one batch's PostgreSQL insert, retries included.",
+                DURATION_BUCKETS,
+            ),
+            circuit_breaker_state: IntGaugeVec::new(
+                Opts::new(CIRCUIT_BREAKER_STATE, "0 closed, 1 half-open, 2 open."),
+                &["service"],
+            )
+            .expect("static metric definition"),
+            dlq_events: counter_vec(
+                DLQ_EVENTS,
+                "Events parked in the dead-letter topic.",
+                &["topic", "reason"],
+            ),
+            retries: counter_vec(RETRIES, "Retries of transient failures.", &["stage"]),
+            offsets_committed: IntCounter::new(
+                OFFSETS_COMMITTED,
+                "Partition offset commits requested.",
+            )
+            .expect("static metric definition"),
+            immudb_last_tx_id: IntGauge::new(IMMUDB_LAST_TX_ID, "Last immudb transaction written.")
+                .expect("static metric definition"),
+            event_age: histogram(
+                EVENT_AGE,
+                "Event timestamp to stored in both stores.",
+                AGE_BUCKETS,
+            ),
+            in_flight_bytes: IntGauge::new(
+                IN_FLIGHT_BYTES,
+                "Payload bytes received and not yet handled.",
+            )
+            .expect("static metric definition"),
+            consumer_paused: IntGauge::new(
+                CONSUMER_PAUSED,
+                "1 while fetching is paused by backpressure.",
+            )
+            .expect("static metric definition"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.events_processed.clone()),
+            Box::new(m.event_processing_duration.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.consumer_lag.clone()),
+            Box::new(m.immudb_operations.clone()),
+            Box::new(m.immudb_write_duration.clone()),
+            Box::new(m.postgres_operations.clone()),
+            Box::new(m.postgres_write_duration.clone()),
+            Box::new(m.circuit_breaker_state.clone()),
+            Box::new(m.dlq_events.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.offsets_committed.clone()),
+            Box::new(m.immudb_last_tx_id.clone()),
+            Box::new(m.event_age.clone()),
+            Box::new(m.in_flight_bytes.clone()),
+            Box::new(m.consumer_paused.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for collector in collectors {
+            m.registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        for service in ["immudb", "postgres"] {
+            m.circuit_breaker_state.with_label_values(&[service]).set(0);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "cannot encode metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
