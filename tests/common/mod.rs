@@ -616,3 +616,82 @@ pub fn batch_lines(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
         .filter(|l| l.get("message").and_then(|m| m.as_str()) == Some("batch done"))
         .collect()
 }
+
+/// A plain HTTP/1.0 GET on loopback: status code and body (no client library needed).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::other("connect timeout"))??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| std::io::Error::other("read timeout"))??;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+impl Daemon {
+    /// The sidecar's address, from the daemon's "http sidecar listening" log line.
+    pub async fn http_addr(&self) -> std::net::SocketAddr {
+        wait_until(
+            "the http sidecar to listen",
+            Duration::from_secs(30),
+            || {
+                let addr = self
+                    .log_lines()
+                    .iter()
+                    .find(|l| l["message"] == "http sidecar listening")
+                    .and_then(|l| l["health"].as_str().and_then(|a| a.parse().ok()));
+                async move { addr }
+            },
+        )
+        .await
+    }
+
+    /// Resident set size of the daemon process in bytes (from /proc).
+    pub fn rss_bytes(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+/// One sample's value from a Prometheus text scrape, e.g. `metric_value(&text, "audit_x{a=\"b\"}")`.
+pub fn metric_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs the stack script (`stop immudb`, `start postgres`, …) for fault injection.
+pub fn stack(world: &World, args: &[&str]) {
+    let status = Command::new("bash")
+        .arg(&world.stack.script)
+        .args(args)
+        .status()
+        .expect("run stack.sh");
+    assert!(status.success(), "stack.sh {args:?} failed");
+}

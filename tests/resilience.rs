@@ -1,0 +1,399 @@
+//! Fault injection on the real stack: stores stopped for a minute under a steady stream, the
+//! broker restarted, members killed and added. These tests stop shared servers, so they run one
+//! at a time (a process-wide lock) and in their own test binary (cargo runs binaries one after
+//! another, so no other test sees the outage). Each measured recovery time is printed and
+//! appended to `$CARGO_TARGET_TMPDIR/recovery.txt`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use common::*;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const TOPICS: [&str; 2] = ["plant-lifecycle.v1", "financial.v1"];
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Restarts a stopped server when the test ends, whatever happened, so one failure does not
+/// cascade into the next test.
+struct Outage<'a> {
+    world: &'a World,
+    service: &'static str,
+    restored: bool,
+}
+
+impl<'a> Outage<'a> {
+    fn begin(world: &'a World, service: &'static str) -> Self {
+        stack(world, &["stop", service]);
+        Outage {
+            world,
+            service,
+            restored: false,
+        }
+    }
+
+    fn end(&mut self) {
+        stack(self.world, &["start", self.service]);
+        self.restored = true;
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        if !self.restored {
+            stack(self.world, &["start", self.service]);
+        }
+    }
+}
+
+/// Overrides that make retries and probes quick, so an outage is detected in seconds.
+fn fast_failure() -> BTreeMap<&'static str, String> {
+    BTreeMap::from([
+        ("RETRY_MAX_ATTEMPTS", "2".to_owned()),
+        ("RETRY_INITIAL_DELAY", "200ms".to_owned()),
+        ("RETRY_MAX_DELAY", "1s".to_owned()),
+        ("CIRCUIT_COOLDOWN", "1s".to_owned()),
+        ("IMMUDB_REQUEST_TIMEOUT", "3s".to_owned()),
+        ("KAFKA_BATCH_SIZE", "200".to_owned()),
+    ])
+}
+
+/// Produces `per_tick` events every 100 ms until `stop`; returns the ids produced.
+fn steady_stream(
+    world: Arc<World>,
+    per_tick: usize,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Uuid>> {
+    tokio::spawn(async move {
+        let mut produced = Vec::new();
+        let mut pace = tokio::time::interval(Duration::from_millis(100));
+        while !stop.is_cancelled() {
+            pace.tick().await;
+            let corpus = valid_corpus(&world, per_tick, 3);
+            world
+                .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+                .await;
+            produced.extend(corpus.into_iter().map(|(id, _)| id));
+        }
+        produced
+    })
+}
+
+fn record_figure(line: &str) {
+    eprintln!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("recovery.txt");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+}
+
+/// Event ids named in the DLQ (its records are our own valid payloads).
+fn dlq_ids(records: &[DlqRecord]) -> Vec<(Uuid, String, String)> {
+    records
+        .iter()
+        .filter_map(|r| {
+            let payload: serde_json::Value = serde_json::from_slice(r.payload.as_deref()?).ok()?;
+            let id = payload["event_id"].as_str()?.parse().ok()?;
+            Some((
+                id,
+                r.headers["dlq.error.class"].clone(),
+                r.headers["dlq.error.stage"].clone(),
+            ))
+        })
+        .collect()
+}
+
+/// Every produced event is accounted for exactly once: stored once in both stores, or parked in
+/// the DLQ (and then not in PostgreSQL).
+async fn assert_no_loss_no_duplicates(world: &World, produced: &[Uuid]) -> usize {
+    let pg = world.pg().await;
+    let dlq_count = world.dlq_records(usize::MAX, Duration::from_secs(5)).await;
+    let parked = dlq_ids(&dlq_count);
+    let parked_ids: HashSet<Uuid> = parked.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(
+        parked_ids.len(),
+        parked.len(),
+        "an event was dead-lettered twice"
+    );
+    for (id, class, _) in &parked {
+        assert_eq!(class, "retry_exhausted", "{id} dead-lettered as {class}");
+    }
+    let rows: Vec<(Uuid,)> = sqlx::query_as("SELECT event_id FROM audit_trail")
+        .fetch_all(&pg)
+        .await
+        .expect("rows");
+    let stored: HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(stored.len(), rows.len());
+    let expected: HashSet<Uuid> = produced
+        .iter()
+        .copied()
+        .filter(|id| !parked_ids.contains(id))
+        .collect();
+    assert!(
+        stored.is_disjoint(&parked_ids),
+        "an event is both stored and dead-lettered"
+    );
+    assert_eq!(
+        stored.len(),
+        expected.len(),
+        "stored {} of {} expected",
+        stored.len(),
+        expected.len()
+    );
+    assert_eq!(
+        stored, expected,
+        "stored events differ from the produced ones"
+    );
+
+    let immudb = world.immudb().await;
+    let stored: Vec<Uuid> = stored.into_iter().collect();
+    for chunk in stored.chunks(500) {
+        let keys: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|id| format!("audit:plant:{id}").into_bytes())
+            .collect();
+        let entries = immudb.get_all(&keys).await.expect("get_all");
+        assert_eq!(entries.len(), keys.len(), "stored rows missing in immudb");
+        assert!(
+            entries.iter().all(|e| e.revision == 1),
+            "a second immudb revision"
+        );
+    }
+    parked.len()
+}
+
+/// The shared outage scenario: a steady stream, `service` down for `outage`, then back.
+async fn store_outage(service: &'static str, outage: Duration) {
+    let _serial = serial();
+    let world = Arc::new(World::new(&TOPICS, 3).await);
+    let pg = world.pg().await;
+    let mut daemon = world.start_daemon("a", &fast_failure());
+    let addr = daemon.http_addr().await;
+    wait_until("/ready 200", Duration::from_secs(60), || async {
+        matches!(http_get(addr, "/ready").await, Ok((200, _))).then_some(())
+    })
+    .await;
+
+    let stop_stream = CancellationToken::new();
+    let stream = steady_stream(world.clone(), 50, stop_stream.clone());
+    wait_until("the first rows", Duration::from_secs(60), || async {
+        (world.pg_count(&pg).await > 0).then_some(())
+    })
+    .await;
+
+    let mut fault = Outage::begin(&world, service);
+    let down_at = Instant::now();
+    let body = wait_until(
+        "/ready 503 naming the store",
+        Duration::from_secs(30),
+        || async {
+            match http_get(addr, "/ready").await {
+                Ok((503, body)) if body.contains(service) => Some(body),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    record_figure(&format!(
+        "{service} outage: /ready turned 503 after {:.1}s: {body}",
+        down_at.elapsed().as_secs_f64()
+    ));
+    wait_until(
+        "the circuit to open and fetching to pause",
+        Duration::from_secs(60),
+        || async {
+            let scrape = http_get(addr, "/metrics")
+                .await
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            let open = metric_value(
+                &scrape,
+                &format!("audit_circuit_breaker_state{{service=\"{service}\"}}"),
+            ) == Some(2.0);
+            let paused = metric_value(&scrape, "audit_consumer_paused") == Some(1.0);
+            (open && paused).then_some(())
+        },
+    )
+    .await;
+
+    // While paused: liveness stays green and memory does not grow, whatever arrives on Kafka.
+    let rss_paused = daemon.rss_bytes();
+    let mut rss_max = rss_paused;
+    let mut pace = tokio::time::interval(Duration::from_secs(1));
+    while down_at.elapsed() < outage {
+        pace.tick().await;
+        let (status, _) = http_get(addr, "/health")
+            .await
+            .expect("/health answers during the outage");
+        assert_eq!(
+            status, 200,
+            "liveness must not fail because a store is down"
+        );
+        rss_max = rss_max.max(daemon.rss_bytes());
+        assert!(daemon.is_running());
+    }
+    record_figure(&format!(
+        "{service} outage: RSS {} MiB when paused, at most {} MiB during {}s paused",
+        rss_paused >> 20,
+        rss_max >> 20,
+        outage.as_secs()
+    ));
+    assert!(
+        rss_max <= rss_paused + (16 << 20),
+        "RSS grew from {rss_paused} to {rss_max} bytes while paused"
+    );
+
+    fault.end();
+    let back_at = Instant::now();
+    wait_until(
+        "/ready 200 after the store returned",
+        Duration::from_secs(60),
+        || async { matches!(http_get(addr, "/ready").await, Ok((200, _))).then_some(()) },
+    )
+    .await;
+    let ready_after = back_at.elapsed();
+    stop_stream.cancel();
+    let produced = stream.await.expect("stream task");
+    let end = world.end_offsets();
+    wait_until(
+        "lag 0 (committed = log end)",
+        Duration::from_secs(180),
+        || async {
+            let committed = world.committed();
+            end.iter()
+                .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
+                .then_some(())
+        },
+    )
+    .await;
+    let lag_zero_after = back_at.elapsed();
+    assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+    let parked = assert_no_loss_no_duplicates(&world, &produced).await;
+    record_figure(&format!(
+        "{service} outage of {}s: /ready true {:.1}s and lag 0 {:.1}s after the store returned; \
+         {} events produced, {parked} parked in the DLQ (retry_exhausted), the rest stored once",
+        outage.as_secs(),
+        ready_after.as_secs_f64(),
+        lag_zero_after.as_secs_f64(),
+        produced.len()
+    ));
+    // At most the batches in flight when the outage began are parked: one per topic writer
+    // plus the one queued behind it.
+    assert!(
+        parked <= TOPICS.len() * 2 * 200,
+        "{parked} events parked: the stream was drained into the DLQ"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn immudb_down_for_a_minute_pauses_and_recovers_without_loss() {
+    store_outage("immudb", Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_down_for_a_minute_pauses_and_recovers_without_loss() {
+    store_outage("postgres", Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_restart_mid_stream_loses_nothing() {
+    let _serial = serial();
+    let world = Arc::new(World::new(&TOPICS, 3).await);
+    let pg = world.pg().await;
+    let daemon = world.start_daemon("a", &BTreeMap::new());
+    let stop_stream = CancellationToken::new();
+    let stream = steady_stream(world.clone(), 50, stop_stream.clone());
+    wait_until("the first rows", Duration::from_secs(60), || async {
+        (world.pg_count(&pg).await > 0).then_some(())
+    })
+    .await;
+    let restarted_at = Instant::now();
+    stack(&world, &["restart", "kafka"]);
+    let rows_at_restart = world.pg_count(&pg).await;
+    wait_until(
+        "progress after the broker came back",
+        Duration::from_secs(120),
+        || async { (world.pg_count(&pg).await > rows_at_restart + 500).then_some(()) },
+    )
+    .await;
+    stop_stream.cancel();
+    let produced = stream.await.expect("stream task");
+    let end = world.end_offsets();
+    wait_until(
+        "lag 0 after the broker restart",
+        Duration::from_secs(120),
+        || async {
+            let committed = world.committed();
+            end.iter()
+                .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
+                .then_some(())
+        },
+    )
+    .await;
+    record_figure(&format!(
+        "kafka restart: lag 0 {:.1}s after the restart began; {} events",
+        restarted_at.elapsed().as_secs_f64(),
+        produced.len()
+    ));
+    assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+    let parked = assert_no_loss_no_duplicates(&world, &produced).await;
+    assert_eq!(parked, 0, "a broker restart must not dead-letter anything");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_members_one_killed_one_added_store_200k_events_exactly_once() {
+    let _serial = serial();
+    let world = World::new(&["plant-lifecycle.v1"], 12).await;
+    let pg = world.pg().await;
+    let corpus = valid_corpus(&world, 200_000, 12);
+    world
+        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    let ids: Vec<Uuid> = corpus.into_iter().map(|(id, _)| id).collect();
+    let started = Instant::now();
+    let a = world.start_daemon("a", &BTreeMap::new());
+    let b = world.start_daemon("b", &BTreeMap::new());
+    let c = world.start_daemon("c", &BTreeMap::new());
+    wait_until(
+        "a third of the events",
+        Duration::from_secs(300),
+        || async { (world.pg_count(&pg).await > 60_000).then_some(()) },
+    )
+    .await;
+    b.kill();
+    wait_until("half of the events", Duration::from_secs(300), || async {
+        (world.pg_count(&pg).await > 100_000).then_some(())
+    })
+    .await;
+    let d = world.start_daemon("d", &BTreeMap::new());
+    wait_until("all 200,000 rows", Duration::from_secs(600), || async {
+        (world.pg_count(&pg).await >= 200_000).then_some(())
+    })
+    .await;
+    let end = world.end_offsets();
+    wait_until("lag 0", Duration::from_secs(120), || async {
+        let committed = world.committed();
+        end.iter()
+            .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
+            .then_some(())
+    })
+    .await;
+    record_figure(&format!(
+        "3 members, 12 partitions, 200,000 events, one killed and one added: all committed after {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
+    for daemon in [a, c, d] {
+        assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+    }
+    assert_eq!(assert_no_loss_no_duplicates(&world, &ids).await, 0);
+}
