@@ -26,6 +26,9 @@ pub const OFFSETS_COMMITTED: &str = "audit_offsets_committed_total";
 pub const IMMUDB_LAST_TX_ID: &str = "audit_immudb_last_tx_id";
 pub const EVENT_AGE: &str = "audit_event_age_seconds";
 pub const IN_FLIGHT_BYTES: &str = "audit_in_flight_bytes";
+pub const VERIFICATION_FAILURES: &str = "audit_verification_failures_total";
+pub const TRUSTED_TX_ID: &str = "audit_trusted_tx_id";
+pub const LAST_AUDIT_TIMESTAMP: &str = "audit_last_audit_timestamp_seconds";
 pub const CONSUMER_PAUSED: &str = "audit_consumer_paused";
 
 /// Latency of one batch through a store or the whole pipeline: 1 ms … ~2 min.
@@ -64,6 +67,12 @@ pub struct Metrics {
     pub event_age: Histogram,
     pub in_flight_bytes: IntGauge,
     pub consumer_paused: IntGauge,
+    /// Proof checks that failed: a tampered or rolled-back immudb (critical).
+    pub verification_failures: IntCounter,
+    /// The immudb transaction our trusted state points at.
+    pub trusted_tx_id: IntGauge,
+    /// Unix time of the last completed continuous audit.
+    pub last_audit_timestamp: IntGauge,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -155,6 +164,18 @@ impl Metrics {
                 "1 while fetching is paused by backpressure.",
             )
             .expect("static metric definition"),
+            verification_failures: IntCounter::new(
+                VERIFICATION_FAILURES,
+                "immudb proofs that failed to verify.",
+            )
+            .expect("static metric definition"),
+            trusted_tx_id: IntGauge::new(TRUSTED_TX_ID, "immudb transaction of the trusted state.")
+                .expect("static metric definition"),
+            last_audit_timestamp: IntGauge::new(
+                LAST_AUDIT_TIMESTAMP,
+                "Unix time of the last continuous audit.",
+            )
+            .expect("static metric definition"),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.events_processed.clone()),
@@ -173,6 +194,9 @@ impl Metrics {
             Box::new(m.event_age.clone()),
             Box::new(m.in_flight_bytes.clone()),
             Box::new(m.consumer_paused.clone()),
+            Box::new(m.verification_failures.clone()),
+            Box::new(m.trusted_tx_id.clone()),
+            Box::new(m.last_audit_timestamp.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for collector in collectors {

