@@ -50,6 +50,14 @@ impl PgError {
         matches!(self, PgError::Transient(_))
     }
 
+    /// The row data itself is at fault (SQLSTATE class 22 data exception or 23 integrity
+    /// constraint violation): isolating the offending rows makes sense. Any other permanent
+    /// error (privileges, a missing table, a read-only server) is about the store, not the rows.
+    pub fn is_data_error(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+    }
+
     /// The SQLSTATE, when the server sent one.
     pub fn sqlstate(&self) -> Option<String> {
         let (PgError::Transient(e) | PgError::Permanent(e)) = self;

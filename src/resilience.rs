@@ -203,6 +203,15 @@ impl CircuitBreaker {
         self.set(&mut inner, CircuitState::Closed);
     }
 
+    /// The store is unusable whatever the retry count (bad credentials, missing privileges):
+    /// open at once.
+    pub fn trip(&self) {
+        let mut inner = self.lock();
+        inner.consecutive_failures = inner.consecutive_failures.max(self.threshold);
+        inner.retry_at = tokio::time::Instant::now() + self.cooldown;
+        self.set(&mut inner, CircuitState::Open);
+    }
+
     /// A batch failed transiently through all its retries.
     pub fn record_failure(&self) {
         let mut inner = self.lock();

@@ -548,3 +548,61 @@ async fn two_daemons_share_partitions_and_hand_over_without_loss() {
     let _ = topic;
     assert_stored_exactly_once(&world, &pg, &world.immudb().await, &produced, "plant").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_a_store_rejects_are_isolated_and_dead_lettered_while_the_rest_flows() {
+    let world = World::new(&TOPICS[..1], 2).await;
+    let pg = world.pg().await;
+    // A rule the replica enforces and the contract does not: PostgreSQL rejects these rows for
+    // good (SQLSTATE 23514), whatever the retries.
+    sqlx::query("ALTER TABLE audit_trail ADD CONSTRAINT no_quarantine CHECK (entity_id NOT LIKE 'plant-4%')")
+        .execute(&pg)
+        .await
+        .expect("add constraint");
+    let corpus = valid_corpus(&world, 970, 2);
+    world
+        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    // valid_corpus uses entity_id "plant-{n % 97}": those starting with 4 are rejected.
+    let rejected: HashSet<Uuid> = corpus
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| format!("{}", n % 97).starts_with('4'))
+        .map(|(_, (id, _))| *id)
+        .collect();
+    assert!(!rejected.is_empty());
+    let daemon = world.start_daemon("a", &BTreeMap::new());
+    wait_fully_committed(&world, Duration::from_secs(120)).await;
+    assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+
+    let dlq = world
+        .dlq_records(rejected.len(), Duration::from_secs(30))
+        .await;
+    assert_eq!(dlq.len(), rejected.len());
+    for record in &dlq {
+        let payload: serde_json::Value =
+            serde_json::from_slice(record.payload.as_deref().unwrap_or_default()).expect("json");
+        let id: Uuid = payload["event_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("event_id");
+        assert!(
+            rejected.contains(&id),
+            "{id} was dead-lettered but is valid for PostgreSQL"
+        );
+        assert_eq!(record.headers["dlq.error.stage"], "postgres");
+        assert_eq!(record.headers["dlq.error.class"], "invalid");
+        assert!(
+            record.headers["dlq.error.message"].contains("no_quarantine"),
+            "{}",
+            record.headers["dlq.error.message"]
+        );
+    }
+    let stored: Vec<Uuid> = corpus
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !rejected.contains(id))
+        .collect();
+    assert_eq!(world.pg_count(&pg).await as usize, stored.len());
+    assert_stored_exactly_once(&world, &pg, &world.immudb().await, &stored, "plant").await;
+}

@@ -397,3 +397,80 @@ async fn three_members_one_killed_one_added_store_200k_events_exactly_once() {
     }
     assert_eq!(assert_no_loss_no_duplicates(&world, &ids).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_refusing_for_privileges_holds_batches_instead_of_draining_into_the_dlq() {
+    let _serial = serial();
+    let world = World::new(&TOPICS[..1], 1).await;
+    let pg = world.pg().await;
+    // A misconfiguration, not bad data: the daemon's role may no longer insert (SQLSTATE 42501).
+    sqlx::query("REVOKE INSERT ON audit_trail FROM audit_writer")
+        .execute(&pg)
+        .await
+        .expect("revoke");
+    let corpus = valid_corpus(&world, 300, 1);
+    world
+        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    let daemon = world.start_daemon("a", &fast_failure());
+    let addr = daemon.http_addr().await;
+    wait_until(
+        "/ready to name the open postgres circuit",
+        Duration::from_secs(60),
+        || async {
+            match http_get(addr, "/ready").await {
+                Ok((503, body)) if body.contains("postgres: circuit") => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    // Several probe-and-retry rounds fail; none of them may dead-letter anything.
+    wait_until(
+        "repeated refused inserts",
+        Duration::from_secs(60),
+        || async {
+            let (_, scrape) = http_get(addr, "/metrics").await.ok()?;
+            let refused = metric_value(
+                &scrape,
+                "audit_postgres_operations_total{operation=\"insert\",status=\"error\"}",
+            )?;
+            (refused >= 3.0).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        world
+            .dlq_records(1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "a misconfiguration drained events into the DLQ"
+    );
+    assert!(
+        world
+            .committed()
+            .values()
+            .all(|offset| offset.is_none_or(|o| o == 0)),
+        "committed past unstored events"
+    );
+
+    sqlx::query("GRANT INSERT ON audit_trail TO audit_writer")
+        .execute(&pg)
+        .await
+        .expect("grant");
+    let end = world.end_offsets();
+    wait_until(
+        "everything stored once the privilege is back",
+        Duration::from_secs(60),
+        || async {
+            let committed = world.committed();
+            end.iter()
+                .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+    let ids: Vec<Uuid> = corpus.iter().map(|(id, _)| *id).collect();
+    assert_eq!(assert_no_loss_no_duplicates(&world, &ids).await, 0);
+}

@@ -226,6 +226,7 @@ impl ConsumerContext for PipelineContext {
                 .remove_label_values(&[&tp.topic, &tp.partition.to_string()]);
         }
         if let Some(offsets) = answer.filter(|offsets| !offsets.is_empty()) {
+            metrics().offsets_committed.inc_by(offsets.len() as u64);
             match consumer.commit(&to_list(&offsets), CommitMode::Sync) {
                 Ok(()) => {
                     tracing::info!(offsets = %describe_offsets(&offsets), "committed revoked partitions")
@@ -258,11 +259,8 @@ impl ConsumerContext for PipelineContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => metrics().offsets_committed.inc_by(offsets.count() as u64),
-            Err(error) => {
-                tracing::warn!(%error, partitions = offsets.count(), "offset commit failed; a later commit supersedes it")
-            }
+        if let Err(error) = result {
+            tracing::warn!(%error, partitions = offsets.count(), "offset commit failed; a later commit supersedes it")
         }
     }
 }
@@ -392,6 +390,7 @@ fn run_command(consumer: &BaseConsumer<PipelineContext>, command: ConsumerComman
             if offsets.is_empty() {
                 return;
             }
+            metrics().offsets_committed.inc_by(offsets.len() as u64);
             if let Err(error) = consumer.commit(&to_list(&offsets), CommitMode::Async) {
                 tracing::warn!(%error, "offset commit could not be queued");
             }

@@ -130,6 +130,9 @@ enum Fate {
     SameAs(usize),
     /// A same-bytes copy of an earlier event of the batch that was stored.
     Redelivered,
+    /// Given up at shutdown while a store was unusable: neither stored nor dead-lettered, so
+    /// its offset stays uncommitted and it is redelivered.
+    Abandoned,
     Dead {
         class: ErrorClass,
         stage: Stage,
@@ -279,9 +282,13 @@ impl StoreContext {
             }
         }
         if let Some(tx) = report.immudb_tx {
-            metrics()
-                .immudb_last_tx_id
-                .set(i64::try_from(tx).unwrap_or(i64::MAX));
+            // Topic writers finish in any order: the gauge only moves forward.
+            static LAST_TX: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+            let tx = i64::try_from(tx).unwrap_or(i64::MAX);
+            let last = LAST_TX
+                .fetch_max(tx, std::sync::atomic::Ordering::Relaxed)
+                .max(tx);
+            metrics().immudb_last_tx_id.set(last);
         }
 
         let mut done = Vec::with_capacity(valid.len() + dead.len());
@@ -317,6 +324,7 @@ impl StoreContext {
                         ticket,
                     ))
                 }
+                Fate::Abandoned => report.unconfirmed += 1,
                 _ => done.push((event.record.topic_partition(), ticket)),
             }
         }
@@ -414,6 +422,24 @@ impl StoreContext {
                 Err(failure) if failure.error.is_transient() => {
                     return mark_dead(fates, &group, Stage::Immudb, &failure);
                 }
+                // Credentials, permissions, configuration: nothing about these events.
+                // Dead-lettering would drain the stream; hold the batch behind an open circuit.
+                Err(failure) if !matches!(failure.error, ImmudbError::InvalidArgument { .. }) => {
+                    tracing::error!(error = %failure.error, "immudb refuses the batch for a reason that is not its data; holding it");
+                    self.immudb_breaker.trip();
+                    let probe = || async { self.immudb.health().await };
+                    if self
+                        .immudb_breaker
+                        .wait_closed(probe, &self.hard_stop)
+                        .await
+                        .is_err()
+                    {
+                        for &i in &group {
+                            fates[i] = Fate::Abandoned;
+                        }
+                        return;
+                    }
+                }
                 Err(failure) if group.len() == 1 => {
                     fates[group[0]] = dead_fate(ErrorClass::Invalid, Stage::Immudb, &failure);
                     return;
@@ -510,13 +536,38 @@ impl StoreContext {
                 replica_row(&events[i], tx)
             })
             .collect();
-        let result = self
-            .retry
-            .run("postgres insert", || {
-                postgres::insert_batch(&self.pg, &rows)
-            })
-            .await;
-        count_operation(&metrics().postgres_operations, "insert", &result);
+        let result = loop {
+            let result = self
+                .retry
+                .run("postgres insert", || {
+                    postgres::insert_batch(&self.pg, &rows)
+                })
+                .await;
+            count_operation(&metrics().postgres_operations, "insert", &result);
+            match result {
+                // Privileges, a missing table, a read-only server: nothing about these rows.
+                // Dead-lettering would drain the stream; hold the batch behind an open circuit
+                // until an operator fixes the store.
+                Err(failure) if !failure.error.is_transient() && !failure.error.is_data_error() => {
+                    tracing::error!(error = %failure.error, sqlstate = failure.error.sqlstate(), "PostgreSQL refuses the batch for a reason that is not its data; holding it");
+                    self.pg_breaker.trip();
+                    let probe =
+                        || async { sqlx::query("SELECT 1").execute(&self.pg).await.map(|_| ()) };
+                    if self
+                        .pg_breaker
+                        .wait_closed(probe, &self.hard_stop)
+                        .await
+                        .is_err()
+                    {
+                        for &i in &group {
+                            fates[i] = Fate::Abandoned;
+                        }
+                        return;
+                    }
+                }
+                other => break other,
+            }
+        };
         match result {
             Ok(outcome) => {
                 for position in outcome.conflicts {

@@ -107,86 +107,10 @@ pub fn verify_last_inclusion(proof: &[Digest], i: u64, leaf: &Digest, root: &Dig
     computed == *root
 }
 
-/// A test-only accumulated hash tree that hands out proofs, written from RFC 6962 §2.1 (the
-/// tree immudb's ahtree builds): the proofs the verifier above must accept.
-#[cfg(test)]
-pub(crate) mod builder {
-    use super::*;
-
-    fn split(n: usize) -> usize {
-        // Largest power of two strictly below n (n ≥ 2).
-        1 << (usize::BITS - (n - 1).leading_zeros() - 1)
-    }
-
-    /// MTH over leaf hashes.
-    pub(crate) fn root(leaves: &[Digest]) -> Digest {
-        match leaves.len() {
-            0 => [0; 32],
-            1 => leaves[0],
-            n => {
-                let k = split(n);
-                node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
-            }
-        }
-    }
-
-    /// PATH(m, D[n]): inclusion proof of 0-based leaf `m`, bottom-up.
-    pub(crate) fn inclusion(m: usize, leaves: &[Digest]) -> Vec<Digest> {
-        let n = leaves.len();
-        if n <= 1 {
-            return Vec::new();
-        }
-        let k = split(n);
-        let mut path;
-        if m < k {
-            path = inclusion(m, &leaves[..k]);
-            path.push(root(&leaves[k..]));
-        } else {
-            path = inclusion(m - k, &leaves[k..]);
-            path.push(root(&leaves[..k]));
-        }
-        path
-    }
-
-    fn subproof(m: usize, leaves: &[Digest], complete: bool) -> Vec<Digest> {
-        let n = leaves.len();
-        if m == n {
-            return if complete {
-                Vec::new()
-            } else {
-                vec![root(leaves)]
-            };
-        }
-        let k = split(n);
-        let mut proof;
-        if m <= k {
-            proof = subproof(m, &leaves[..k], complete);
-            proof.push(root(&leaves[k..]));
-        } else {
-            proof = subproof(m - k, &leaves[k..], false);
-            proof.push(root(&leaves[..k]));
-        }
-        proof
-    }
-
-    /// PROOF(m, D[n]) with the old root prepended when the old size is a power of two, which
-    /// is the form immudb's `ConsistencyProof` returns and its verifier expects.
-    pub(crate) fn consistency(m: usize, leaves: &[Digest]) -> Vec<Digest> {
-        if m == leaves.len() {
-            return Vec::new();
-        }
-        let mut proof = subproof(m, leaves, true);
-        if m.is_power_of_two() {
-            proof.insert(0, root(&leaves[..m]));
-        }
-        proof
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::builder::*;
     use super::*;
+    use crate::immudb::verify::testkit::rfc6962::*;
 
     fn leaves(n: usize) -> Vec<Digest> {
         (0..n)

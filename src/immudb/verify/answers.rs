@@ -136,9 +136,9 @@ pub fn verify_set_answer(
             });
         }
     }
-    // The leaves, computed from what *we* wrote, placed where the server says they are.
-    let mut leaves: Vec<Option<Digest>> = vec![None; kvs.len()];
-    let mut placed: Vec<usize> = Vec::with_capacity(kvs.len());
+    // Check each written key/value against the server's listing, and compute its digest
+    // from the bytes *we* wrote, at the position the server lists it.
+    let mut ours: Vec<Option<Digest>> = vec![None; kvs.len()];
     for kv in kvs {
         let stored_key = encode_key(&kv.key);
         let index = *position
@@ -166,42 +166,42 @@ pub fn verify_set_answer(
         if !kv_metadata_bytes(entry.metadata.as_ref()).is_empty() {
             return Err(entry_fail(EntryCheck::Metadata));
         }
-        if leaves[index].is_some() {
+        if ours[index].is_some() {
             return Err(entry_fail(EntryCheck::KeyRepeated));
         }
-        leaves[index] = Some(kv_digest(header.version, &kv.key, None, &kv.value)?);
-        placed.push(index);
+        ours[index] = Some(kv_digest(header.version, &kv.key, None, &kv.value)?);
     }
-    let leaves: Vec<Digest> = leaves
-        .into_iter()
-        .enumerate()
-        .map(|(index, leaf)| {
-            leaf.ok_or(VerificationError::Entry {
-                tx: header.id,
-                index,
-                check: EntryCheck::Unexpected,
-            })
-        })
-        .collect::<Result<_, _>>()?;
 
-    // Inclusion of every written entry in eH, as `htree.VerifyInclusion` would check a proof
-    // the server sent for it. The tree is built from our own digests, so a proof that leads
-    // to eH means the server committed exactly what we wrote, in the order it lists.
-    let tree = HTree::build(&leaves);
-    for index in placed {
+    // The server's listing must rebuild eH (as `schema.TxFromProto` + `BuildHashTree` do in
+    // the Go SDK); the inclusion proofs are then taken from that tree (`tx.Proof`).
+    let listed = tx
+        .entries
+        .iter()
+        .map(|e| tx_entry_digest(header.version, e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tree = HTree::build(&listed);
+    if tree.root() != header.eh {
+        return Err(VerificationError::Tx {
+            tx: header.id,
+            check: "the listed entries do not rebuild eH".into(),
+        });
+    }
+
+    // Every written entry: its digest, computed from what we wrote, must lead to eH through
+    // its inclusion proof (`htree.VerifyInclusion`). The Go SDK does this for one key in
+    // `VerifiedSet`; here it is done for the whole batch.
+    for (index, digest) in ours.iter().enumerate() {
+        let entry_fail = |check| VerificationError::Entry {
+            tx: header.id,
+            index,
+            check,
+        };
+        let digest = digest.ok_or(entry_fail(EntryCheck::Unexpected))?;
         let proof = tree
             .inclusion_proof(index)
-            .ok_or_else(|| VerificationError::Entry {
-                tx: header.id,
-                index,
-                check: EntryCheck::InclusionProof,
-            })?;
-        if !htree::verify_inclusion(index, leaves.len(), &proof, &leaves[index], &header.eh) {
-            return Err(VerificationError::Entry {
-                tx: header.id,
-                index,
-                check: EntryCheck::InclusionProof,
-            });
+            .ok_or(entry_fail(EntryCheck::InclusionProof))?;
+        if !htree::verify_inclusion(index, listed.len(), &proof, &digest, &header.eh) {
+            return Err(entry_fail(EntryCheck::InclusionProof));
         }
     }
 
@@ -314,6 +314,18 @@ pub fn verify_get_answer(
     // The transaction listed with the answer must be the proven one.
     if let Some(tx) = &vtx.tx {
         verify_listed_tx(tx, &entry_header, entry_header_proto)?;
+        // And the listing must show, at the proven leaf, the entry read.
+        if let Some(listed) = tx.entries.get(leaf) {
+            if listed.key != encode_key(key) {
+                return Err(entry_fail(EntryCheck::Key));
+            }
+            if listed.h_value.as_slice() != value_hash(&entry.value) {
+                return Err(entry_fail(EntryCheck::ValueHash));
+            }
+            if usize::try_from(listed.v_len).ok() != Some(entry.value.len() + 1) {
+                return Err(entry_fail(EntryCheck::ValueLength));
+            }
+        }
     }
 
     let entry_alh = entry_header.alh();
@@ -384,17 +396,15 @@ fn verify_listed_tx(
     header: &Header,
     header_proto: &proto::TxHeader,
 ) -> Result<(), VerificationError> {
-    if let Some(listed) = &tx.header {
-        if listed != header_proto {
-            // Compare by hash as well, so equal-meaning encodings do not trip the check.
-            let listed = Header::from_proto(listed, "listed tx header")?;
-            if listed.alh() != header.alh() {
-                return Err(VerificationError::Tx {
-                    tx: header.id,
-                    check: "the listed header differs from the proven header".into(),
-                });
-            }
-        }
+    // Compared by hash when the encodings differ, so an absent and an empty tx metadata (both
+    // sent by immudb, with the same meaning) do not trip the check.
+    if let Some(listed) = tx.header.as_ref().filter(|listed| *listed != header_proto)
+        && Header::from_proto(listed, "listed tx header")?.alh() != header.alh()
+    {
+        return Err(VerificationError::Tx {
+            tx: header.id,
+            check: "the listed header differs from the proven header".into(),
+        });
     }
     if tx.entries.is_empty() {
         return Ok(());
@@ -412,12 +422,18 @@ fn verify_listed_tx(
     let mut leaves = Vec::with_capacity(tx.entries.len());
     for (index, entry) in tx.entries.iter().enumerate() {
         // With `RAW_VALUE` the stored value (immudb's prefix included) is listed too.
-        if !entry.value.is_empty() && entry.h_value.as_slice() != sha256(&entry.value) {
-            return Err(VerificationError::Entry {
+        if !entry.value.is_empty() {
+            let fail = |check| VerificationError::Entry {
                 tx: header.id,
                 index,
-                check: EntryCheck::ValueHash,
-            });
+                check,
+            };
+            if entry.h_value.as_slice() != sha256(&entry.value) {
+                return Err(fail(EntryCheck::ValueHash));
+            }
+            if usize::try_from(entry.v_len).ok() != Some(entry.value.len()) {
+                return Err(fail(EntryCheck::ValueLength));
+            }
         }
         leaves.push(tx_entry_digest(header.version, entry)?);
     }

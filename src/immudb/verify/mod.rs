@@ -24,6 +24,8 @@ pub mod htree;
 pub mod state;
 pub mod tx;
 
+#[doc(hidden)]
+pub mod testkit;
 #[cfg(test)]
 mod tests;
 
