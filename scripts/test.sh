@@ -38,4 +38,11 @@ log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 log "cargo test"
 cargo test --locked --all-targets
+log "deployment artifacts: kustomize, Kubernetes schemas, alert rules and their tests, dashboard, live /metrics scrape"
+bash scripts/validate-deploy.sh --scrape="${CARGO_TARGET_DIR:-target}/tmp/metrics-scrape.txt"
+log "the Dockerfile's build step, outside Docker"
+cargo build --release --locked --bin audit-consumer
+for path in migrations config/default.toml; do
+  [[ -e $path ]] || { echo "Dockerfile copies $path, which is missing" >&2; exit 1; }
+done
 log "done in $(($(date +%s) - started))s"
