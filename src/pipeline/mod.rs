@@ -382,10 +382,22 @@ impl Dispatcher<'_> {
 /// One writer per topic: batches of a topic are stored strictly in order; topics run in
 /// parallel. The queue holds one batch while another is being written.
 fn spawn_writer(tasks: &TaskTracker, store: Arc<StoreContext>) -> mpsc::Sender<Batch<BatchItem>> {
-    let (tx, mut rx) = mpsc::channel::<Batch<BatchItem>>(1);
+    let (tx, mut batches) = mpsc::channel::<Batch<BatchItem>>(1);
+    // Two stages per topic, each strictly in order: immudb for batch n+1 overlaps PostgreSQL for
+    // batch n. Offsets are only marked done by the second stage, so the commit rule holds.
+    let (staged_tx, mut staged) = mpsc::channel(1);
+    let immudb_stage = store.clone();
     tasks.spawn(async move {
-        while let Some(batch) = rx.recv().await {
-            store.store_batch(batch).await;
+        while let Some(batch) = batches.recv().await {
+            let batch = immudb_stage.write_immudb_stage(batch).await;
+            if staged_tx.send(batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    tasks.spawn(async move {
+        while let Some(batch) = staged.recv().await {
+            store.finish_stage(batch).await;
         }
     });
     tx

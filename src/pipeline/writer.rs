@@ -100,6 +100,29 @@ pub struct BatchReport {
     pub immudb_tx: Option<u64>,
 }
 
+/// A batch between its two stages: written to immudb, waiting for PostgreSQL.
+pub struct Staged {
+    topic: String,
+    size: usize,
+    bytes: usize,
+    span: tracing::Span,
+    started: std::time::Instant,
+    valid: Vec<ValidEvent>,
+    tickets: Vec<OffsetTicket>,
+    dead: Vec<(DeadLetter, OffsetTicket)>,
+    fates: Vec<Fate>,
+}
+
+/// Gives up the events not settled yet (shutdown while a store is unusable): they stay
+/// uncommitted and are redelivered.
+fn abandon(fates: &mut [Fate]) {
+    for fate in fates.iter_mut() {
+        if matches!(fate, Fate::Pending | Fate::InImmudb { .. }) {
+            *fate = Fate::Abandoned;
+        }
+    }
+}
+
 /// Everything a writer needs; shared by the per-topic writer tasks.
 pub struct StoreContext {
     pub immudb_breaker: Arc<CircuitBreaker>,
@@ -143,9 +166,16 @@ enum Fate {
 }
 
 impl StoreContext {
-    /// Stores a batch and marks its offsets done. Never fails: what cannot be stored is
-    /// dead-lettered, and what cannot be dead-lettered stays uncommitted.
+    /// Stores a batch and marks its offsets done, both stages back to back. Never fails: what
+    /// cannot be stored is dead-lettered, and what cannot be dead-lettered stays uncommitted.
     pub async fn store_batch(&self, batch: Batch<BatchItem>) -> BatchReport {
+        let staged = self.write_immudb_stage(batch).await;
+        self.finish_stage(staged).await
+    }
+
+    /// Stage 1 of a batch: decode bookkeeping, in-batch duplicates, and the immudb transaction.
+    /// The pipeline runs it for batch n+1 while stage 2 replicates batch n to PostgreSQL.
+    pub async fn write_immudb_stage(&self, batch: Batch<BatchItem>) -> Staged {
         let topic = batch.topic;
         let size = batch.items.len();
         let bytes: usize = batch.items.iter().map(BatchItem::payload_len).sum();
@@ -157,30 +187,88 @@ impl StoreContext {
             first_offset,
             last_offset,
             immudb_tx = tracing::field::Empty,
-            links = tracing::field::Empty,
         );
+        crate::telemetry::link_traceparents(
+            &span,
+            batch.items.iter().filter_map(|item| match item {
+                BatchItem::Valid(event, _) => event.record.header_str("traceparent"),
+                BatchItem::Dead(letter, _) => letter.record.header_str("traceparent"),
+            }),
+        );
+        let mut staged = Staged {
+            topic,
+            size,
+            bytes,
+            span,
+            started: std::time::Instant::now(),
+            valid: Vec::with_capacity(size),
+            tickets: Vec::with_capacity(size),
+            dead: Vec::new(),
+            fates: Vec::new(),
+        };
+        for item in batch.items {
+            match item {
+                BatchItem::Valid(event, ticket) => {
+                    staged.valid.push(*event);
+                    staged.tickets.push(ticket);
+                }
+                BatchItem::Dead(letter, ticket) => staged.dead.push((*letter, ticket)),
+            }
+        }
+        staged.fates = mark_in_batch_duplicates(&staged.valid);
+        if staged.fates.iter().any(|f| matches!(f, Fate::Pending)) {
+            let span = staged.span.clone();
+            self.immudb_stage(&mut staged).instrument(span).await;
+        }
+        staged
+    }
+
+    async fn immudb_stage(&self, staged: &mut Staged) {
+        // While immudb's circuit is open the batch waits here (it is not dead-lettered); the
+        // full queues behind it pause the consumer.
+        let probe = || async { self.immudb.health().await };
+        if self
+            .immudb_breaker
+            .wait_closed(probe, &self.hard_stop)
+            .await
+            .is_err()
+        {
+            abandon(&mut staged.fates);
+            return;
+        }
         let started = std::time::Instant::now();
+        self.write_immudb(&staged.valid, &mut staged.fates).await;
+        metrics()
+            .immudb_write_duration
+            .observe(started.elapsed().as_secs_f64());
+        record_outcome(&self.immudb_breaker, &staged.fates, Stage::Immudb);
+    }
+
+    /// Stage 2 of a batch: PostgreSQL, the dead letters, then its offsets are marked done.
+    pub async fn finish_stage(&self, mut staged: Staged) -> BatchReport {
+        let span = staged.span.clone();
         let report = self
-            .store_items(&topic, batch.items)
+            .finish_items(&mut staged)
             .instrument(span.clone())
             .await;
         if let Some(tx) = report.immudb_tx {
             span.record("immudb_tx", tx);
         }
-        self.in_flight.sub(bytes);
+        self.in_flight.sub(staged.bytes);
+        let topic = staged.topic.as_str();
         let m = metrics();
-        m.batch_size.observe(size as f64);
+        m.batch_size.observe(staged.size as f64);
         m.event_processing_duration
-            .with_label_values(&[&topic])
-            .observe(started.elapsed().as_secs_f64());
+            .with_label_values(&[topic])
+            .observe(staged.started.elapsed().as_secs_f64());
         m.events_processed
-            .with_label_values(&[&topic, "stored"])
+            .with_label_values(&[topic, "stored"])
             .inc_by(report.stored as u64);
         m.events_processed
-            .with_label_values(&[&topic, "duplicate"])
+            .with_label_values(&[topic, "duplicate"])
             .inc_by(report.duplicates as u64);
         m.events_processed
-            .with_label_values(&[&topic, "dead_lettered"])
+            .with_label_values(&[topic, "dead_lettered"])
             .inc_by(report.dead_letters as u64);
         span.in_scope(|| {
             tracing::info!(
@@ -189,51 +277,16 @@ impl StoreContext {
                 dead_letters = report.dead_letters,
                 unconfirmed = report.unconfirmed,
                 immudb_tx = report.immudb_tx,
-                elapsed_ms = started.elapsed().as_millis() as u64,
+                elapsed_ms = staged.started.elapsed().as_millis() as u64,
                 "batch done"
             )
         });
         report
     }
 
-    async fn store_items(&self, topic: &str, items: Vec<BatchItem>) -> BatchReport {
-        let mut valid = Vec::new();
-        let mut tickets_valid = Vec::new();
-        let mut dead = Vec::new();
-        for item in items {
-            match item {
-                BatchItem::Valid(event, ticket) => {
-                    valid.push(*event);
-                    tickets_valid.push(ticket);
-                }
-                BatchItem::Dead(letter, ticket) => dead.push((*letter, ticket)),
-            }
-        }
-        let abandoned = BatchReport {
-            unconfirmed: valid.len() + dead.len(),
-            ..BatchReport::default()
-        };
-
-        let mut fates = mark_in_batch_duplicates(&valid);
-        if fates.iter().any(|f| matches!(f, Fate::Pending)) {
-            // While immudb's circuit is open the batch waits here (it is not dead-lettered); the
-            // full queues behind it pause the consumer.
-            let probe = || async { self.immudb.health().await };
-            if self
-                .immudb_breaker
-                .wait_closed(probe, &self.hard_stop)
-                .await
-                .is_err()
-            {
-                return abandoned;
-            }
-            let started = std::time::Instant::now();
-            self.write_immudb(&valid, &mut fates).await;
-            metrics()
-                .immudb_write_duration
-                .observe(started.elapsed().as_secs_f64());
-            record_outcome(&self.immudb_breaker, &fates, Stage::Immudb);
-        }
+    async fn finish_items(&self, staged: &mut Staged) -> BatchReport {
+        let fates = &mut staged.fates;
+        let valid = &staged.valid;
         if fates.iter().any(|f| matches!(f, Fate::InImmudb { .. })) {
             let probe = || async { sqlx::query("SELECT 1").execute(&self.pg).await.map(|_| ()) };
             if self
@@ -242,14 +295,15 @@ impl StoreContext {
                 .await
                 .is_err()
             {
-                return abandoned;
+                abandon(fates);
+            } else {
+                let started = std::time::Instant::now();
+                self.write_postgres(valid, fates).await;
+                metrics()
+                    .postgres_write_duration
+                    .observe(started.elapsed().as_secs_f64());
+                record_outcome(&self.pg_breaker, fates, Stage::Postgres);
             }
-            let started = std::time::Instant::now();
-            self.write_postgres(&valid, &mut fates).await;
-            metrics()
-                .postgres_write_duration
-                .observe(started.elapsed().as_secs_f64());
-            record_outcome(&self.pg_breaker, &fates, Stage::Postgres);
         }
 
         let mut report = BatchReport::default();
@@ -258,7 +312,7 @@ impl StoreContext {
             // Events that shared an event_id with an earlier one of the batch follow its fate.
             if let Fate::SameAs(first) = fates[i] {
                 fates[i] = match &fates[first] {
-                    Fate::Dead { .. } => fates[first].clone(),
+                    Fate::Dead { .. } | Fate::Abandoned => fates[first].clone(),
                     _ => Fate::Redelivered,
                 };
             }
@@ -291,8 +345,12 @@ impl StoreContext {
             metrics().immudb_last_tx_id.set(last);
         }
 
-        let mut done = Vec::with_capacity(valid.len() + dead.len());
-        for ((event, fate), ticket) in valid.into_iter().zip(fates).zip(tickets_valid) {
+        let mut dead = std::mem::take(&mut staged.dead);
+        let mut done = Vec::with_capacity(staged.valid.len() + dead.len());
+        let valid = std::mem::take(&mut staged.valid);
+        let tickets = std::mem::take(&mut staged.tickets);
+        let fates = std::mem::take(&mut staged.fates);
+        for ((event, fate), ticket) in valid.into_iter().zip(fates).zip(tickets) {
             match fate {
                 Fate::Dead {
                     class,
@@ -347,7 +405,7 @@ impl StoreContext {
                 report.dead_letters += 1;
                 metrics()
                     .dlq_events
-                    .with_label_values(&[topic, letter.class.as_str()])
+                    .with_label_values(&[&staged.topic, letter.class.as_str()])
                     .inc();
                 done.push((letter.record.topic_partition(), *ticket));
             } else {
