@@ -45,7 +45,6 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let settings = loaded.settings;
-    telemetry::init(&settings.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +55,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    {
+        // Inside the runtime: the OTLP exporter's gRPC channel is spawned on it.
+        let _in_runtime = runtime.enter();
+        telemetry::init(&settings.log);
+    }
     let result = runtime.block_on(async {
         match command {
             Command::Migrate => postgres::migrate(&settings.postgres)
@@ -65,12 +69,15 @@ fn main() -> ExitCode {
             Command::CheckConfig => Ok(()),
         }
     });
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "audit-consumer failed");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Flush queued spans while the runtime still drives the exporter's connection.
+    telemetry::shutdown();
+    code
 }

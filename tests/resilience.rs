@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -17,9 +17,11 @@ use uuid::Uuid;
 
 const TOPICS: [&str; 2] = ["plant-lifecycle.v1", "financial.v1"];
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// One fault-injection test at a time (an async lock: each test has its own runtime, and the
+/// guard is held across awaits).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// Restarts a stopped server when the test ends, whatever happened, so one failure does not
@@ -174,7 +176,7 @@ async fn assert_no_loss_no_duplicates(world: &World, produced: &[Uuid]) -> usize
 
 /// The shared outage scenario: a steady stream, `service` down for `outage`, then back.
 async fn store_outage(service: &'static str, outage: Duration) {
-    let _serial = serial();
+    let _serial = serial().await;
     let world = Arc::new(World::new(&TOPICS, 3).await);
     let pg = world.pg().await;
     let mut daemon = world.start_daemon("a", &fast_failure());
@@ -307,7 +309,7 @@ async fn postgres_down_for_a_minute_pauses_and_recovers_without_loss() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_restart_mid_stream_loses_nothing() {
-    let _serial = serial();
+    let _serial = serial().await;
     let world = Arc::new(World::new(&TOPICS, 3).await);
     let pg = world.pg().await;
     let daemon = world.start_daemon("a", &BTreeMap::new());
@@ -352,7 +354,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_members_one_killed_one_added_store_200k_events_exactly_once() {
-    let _serial = serial();
+    let _serial = serial().await;
     let world = World::new(&["plant-lifecycle.v1"], 12).await;
     let pg = world.pg().await;
     let corpus = valid_corpus(&world, 200_000, 12);
@@ -400,7 +402,7 @@ async fn three_members_one_killed_one_added_store_200k_events_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_refusing_for_privileges_holds_batches_instead_of_draining_into_the_dlq() {
-    let _serial = serial();
+    let _serial = serial().await;
     let world = World::new(&TOPICS[..1], 1).await;
     let pg = world.pg().await;
     // A misconfiguration, not bad data: the daemon's role may no longer insert (SQLSTATE 42501).

@@ -180,13 +180,15 @@ impl StoreContext {
         let size = batch.items.len();
         let bytes: usize = batch.items.iter().map(BatchItem::payload_len).sum();
         let (first_offset, last_offset) = offset_range(&batch.items);
+        // Integers as i64: the OTLP exporter sends unsigned fields as strings.
         let span = tracing::info_span!(
             "batch",
             %topic,
-            size,
+            size = size as i64,
             first_offset,
             last_offset,
             immudb_tx = tracing::field::Empty,
+            links = tracing::field::Empty,
         );
         crate::telemetry::link_traceparents(
             &span,
@@ -252,7 +254,7 @@ impl StoreContext {
             .instrument(span.clone())
             .await;
         if let Some(tx) = report.immudb_tx {
-            span.record("immudb_tx", tx);
+            span.record("immudb_tx", i64::try_from(tx).unwrap_or(i64::MAX));
         }
         self.in_flight.sub(staged.bytes);
         let topic = staged.topic.as_str();
