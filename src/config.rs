@@ -324,7 +324,7 @@ pub const SETTINGS: &[SettingSpec] = &[
     s(
         "pipeline.max_in_flight_bytes",
         "PIPELINE_MAX_IN_FLIGHT_BYTES",
-        Some("33554432"),
+        Some("67108864"),
         "Payload bytes received but not yet stored; above it fetching pauses (bounded memory).",
     ),
     s(

@@ -523,7 +523,9 @@ impl ImmudbClient {
     /// Failures: [`ImmudbError::VerificationFailed`] when a proof fails (never transient; the
     /// transaction may be committed all the same), otherwise as [`set_all`](Self::set_all).
     /// Concurrent callers may verify from the same trusted state; keep the returned state
-    /// with the highest `tx_id`.
+    /// with the highest `tx_id`. Each returned state is proven to extend `trusted`, not yet
+    /// each other: a later verified call from the kept state that covers the other
+    /// transaction (e.g. [`verified_tx_by_id`](Self::verified_tx_by_id)) closes that gap.
     pub async fn verify_set_batch(
         &self,
         kvs: &[KeyValue],

@@ -88,6 +88,8 @@ pub struct PipelineContext {
     health: Arc<Health>,
     in_flight: Arc<InFlight>,
     max_in_flight_bytes: i64,
+    /// Held events that make the poll thread pause fetching.
+    pause_after_held: usize,
 }
 
 impl PipelineContext {
@@ -121,8 +123,18 @@ impl PipelineContext {
         true
     }
 
+    /// Whether fetching should be paused, with hysteresis: pausing purges librdkafka's prefetch,
+    /// so a pipeline that is merely busy for a moment must not trigger it. Pause when a whole
+    /// batch worth of events is held or the byte cap is exceeded; resume only when nothing is
+    /// held and the bytes fell below three quarters of the cap.
     fn backpressured(&self) -> bool {
-        !self.held().is_empty() || self.in_flight.bytes() > self.max_in_flight_bytes
+        let held = self.held().len();
+        let bytes = self.in_flight.bytes();
+        if self.paused.load(Ordering::Relaxed) {
+            held > 0 || bytes > self.max_in_flight_bytes / 4 * 3
+        } else {
+            held >= self.pause_after_held || bytes > self.max_in_flight_bytes
+        }
     }
 
     /// Pauses or resumes every assigned partition to match the backpressure.
@@ -321,6 +333,7 @@ pub fn create(
         health: links.health,
         in_flight: links.in_flight,
         max_in_flight_bytes: i64::try_from(links.max_in_flight_bytes).unwrap_or(i64::MAX),
+        pause_after_held: settings.batch_size,
     };
     let consumer: BaseConsumer<PipelineContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();

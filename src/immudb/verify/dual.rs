@@ -42,8 +42,10 @@ pub fn verify_linear_proof(
         return Ok(false);
     }
     let mut alh = *first;
-    for (tx_id, inner) in (source_tx_id + 1..).zip(rest) {
-        alh = advance_linear_hash(&alh, tx_id, inner);
+    // Indexed rather than an open range: with `rest.len() == target - source` the ids stay
+    // within `source+1..=target`, even for a hostile target of u64::MAX.
+    for (i, inner) in rest.iter().enumerate() {
+        alh = advance_linear_hash(&alh, source_tx_id + 1 + i as u64, inner);
     }
     Ok(alh == *target_alh)
 }
@@ -80,7 +82,9 @@ pub fn verify_linear_advance_proof(
     };
     // Alh of start+1, then advanced tx by tx; each one must be in the target's tree.
     let mut alh = *first;
-    for ((tx_id, inclusion), inner) in (start_tx_id + 1..).zip(&proof.inclusion_proofs).zip(rest) {
+    for (i, (inclusion, inner)) in proof.inclusion_proofs.iter().zip(rest).enumerate() {
+        // span - 1 inclusion proofs: tx_id stays below end_tx_id.
+        let tx_id = start_tx_id + 1 + i as u64;
         let inclusion = digests(&inclusion.terms, "linear advance inclusion proof")?;
         if !ahtree::verify_inclusion(
             &inclusion,

@@ -44,11 +44,11 @@ impl HTree {
         while let Some(level) = levels.last().filter(|level| level.len() > 1) {
             let next = level
                 .chunks(2)
-                .map(|pair| match pair {
-                    [left, right] => node_hash(left, right),
+                .filter_map(|pair| match pair {
+                    [left, right] => Some(node_hash(left, right)),
                     // Odd node out: carried up as is.
-                    [single] => *single,
-                    _ => unreachable!("chunks(2) yields one or two items"),
+                    [single] => Some(*single),
+                    _ => None, // chunks(2) yields one or two items
                 })
                 .collect();
             levels.push(next);

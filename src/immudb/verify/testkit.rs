@@ -255,7 +255,7 @@ pub mod rfc6962 {
         1 << (usize::BITS - (n - 1).leading_zeros() - 1)
     }
 
-    /// MTH(D[n]).
+    /// `MTH(D[n])`.
     pub fn root(leaves: &[Digest]) -> Digest {
         match leaves.len() {
             0 => [0; 32],
@@ -267,7 +267,7 @@ pub mod rfc6962 {
         }
     }
 
-    /// PATH(m, D[n]): inclusion proof of 0-based leaf `m`, bottom-up.
+    /// `PATH(m, D[n])`: inclusion proof of 0-based leaf `m`, bottom-up.
     pub fn inclusion(m: usize, leaves: &[Digest]) -> Vec<Digest> {
         let n = leaves.len();
         if n <= 1 {
@@ -302,7 +302,7 @@ pub mod rfc6962 {
         proof
     }
 
-    /// PROOF(m, D[n]), with the old root prepended when `m` is a power of two: the form
+    /// `PROOF(m, D[n])`, with the old root prepended when `m` is a power of two: the form
     /// immudb's `ConsistencyProof` returns and its verifier expects.
     pub fn consistency(m: usize, leaves: &[Digest]) -> Vec<Digest> {
         if m == leaves.len() {

@@ -336,3 +336,64 @@ fn a_signature_is_required_once_a_server_key_is_configured() {
         |path, mutated| assert!(verify(mutated).is_err(), "flipping {path} went unnoticed"),
     );
 }
+
+#[test]
+fn hostile_ids_and_shapes_fail_without_panicking() {
+    let chain = normal_chain();
+    let base = SetCase::new(&chain, 3, 9);
+    let extremes = [0u64, 1, u64::MAX - 1, u64::MAX];
+    for &id in &extremes {
+        for &other in &extremes {
+            let mut case = base.clone();
+            case.trusted.tx_id = id;
+            if let Some(d) = case.answer.dual_proof.as_mut() {
+                if let Some(h) = d.target_tx_header.as_mut() {
+                    h.id = other;
+                    h.bl_tx_id = id;
+                }
+                if let Some(l) = d.linear_proof.as_mut() {
+                    l.source_tx_id = id;
+                    l.target_tx_id = other;
+                }
+            }
+            if let Some(h) = case.answer.tx.as_mut().and_then(|t| t.header.as_mut()) {
+                h.id = other;
+            }
+            assert!(case.verify().is_err(), "ids {id}/{other}");
+        }
+    }
+    // The linear and linear advance proofs alone, at the top of the id space.
+    let terms = vec![vec![0u8; 32]; 2];
+    let linear = proto::LinearProof {
+        source_tx_id: u64::MAX - 1,
+        target_tx_id: u64::MAX,
+        terms,
+    };
+    assert!(
+        !verify_linear_proof(&linear, u64::MAX - 1, u64::MAX, &[0; 32], &[1; 32]).expect("shape")
+    );
+    let advance = proto::LinearAdvanceProof {
+        linear_proof_terms: vec![vec![0u8; 32]; 3],
+        inclusion_proofs: vec![proto::InclusionProof::default(); 2],
+    };
+    assert!(
+        !verify_linear_advance_proof(
+            Some(&advance),
+            u64::MAX - 3,
+            u64::MAX,
+            &[0; 32],
+            &[0; 32],
+            5
+        )
+        .expect("shape")
+    );
+    // Digests of the wrong size are malformed, not silently padded (Go's DigestFromProto pads).
+    let mut case = base.clone();
+    if let Some(d) = case.answer.dual_proof.as_mut() {
+        d.inclusion_proof[0].pop();
+    }
+    assert!(matches!(
+        case.verify(),
+        Err(VerificationError::Malformed(_))
+    ));
+}
