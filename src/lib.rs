@@ -12,3 +12,4 @@ pub mod pipeline;
 pub mod postgres;
 pub mod resilience;
 pub mod telemetry;
+pub mod trust;
