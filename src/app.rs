@@ -8,11 +8,14 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::{self, TrustError};
 use crate::config::{ImmudbSettings, Settings};
 use crate::http::{self, Health};
+use crate::immudb::StateVerifyingKey;
 use crate::immudb::{ImmudbClient, ImmudbConnectOptions, ImmudbTls};
 use crate::pipeline::{self, Shared, Sinks, dlq::DlqProducer};
 use crate::resilience::CircuitBreaker;
+use crate::trust::{Trust, TrustStore};
 
 /// Runs the daemon until a signal asks it to stop (exit 0) or a fatal error (exit 1).
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -73,6 +76,56 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let dlq = DlqProducer::new(&settings.kafka, &settings.instance_id)
         .context("creating the DLQ producer")?;
 
+    let immudb = match &settings.immudb.server_signing_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).with_context(|| {
+                format!("IMMUDB_SERVER_SIGNING_KEY: reading {}", path.display())
+            })?;
+            let key = StateVerifyingKey::from_public_key_pem(&pem).with_context(|| {
+                format!(
+                    "IMMUDB_SERVER_SIGNING_KEY: {} is not a P-256 public key",
+                    path.display()
+                )
+            })?;
+            immudb.with_server_signing_key(key)
+        }
+        None => immudb,
+    };
+    let trust = if settings.immudb.verify {
+        let store = TrustStore::new(pg.clone());
+        let state = loop {
+            match audit::establish_trust(&immudb, &store).await {
+                Ok(state) => break state,
+                Err(error @ TrustError::Inconsistent { .. }) => {
+                    return Err(error).context("establishing trust in immudb");
+                }
+                Err(TrustError::Immudb(error)) if !error.is_transient() => {
+                    return Err(error).context("establishing trust in immudb");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot establish trust in immudb yet; retrying")
+                }
+            }
+            health.beat();
+            tokio::select! {
+                () = tokio::time::sleep(audit::STARTUP_RETRY) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        };
+        let trust = Arc::new(Trust::new(state, store));
+        health.watch_trust(trust.clone());
+        background.spawn(audit::run_continuous_audit(
+            settings.audit,
+            immudb.clone(),
+            pg.clone(),
+            trust.clone(),
+            stop_background.clone(),
+        ));
+        Some(trust)
+    } else {
+        tracing::warn!("IMMUDB_VERIFY=false: batches are written without proofs");
+        None
+    };
     background.spawn(http::check_dependencies(
         health.clone(),
         immudb.clone(),
@@ -89,6 +142,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         health,
         immudb_breaker,
         pg_breaker,
+        trust,
     };
     let result = pipeline::run(&settings, sinks, &shared, shutdown).await;
     stop_background.cancel();

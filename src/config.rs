@@ -221,6 +221,30 @@ pub const SETTINGS: &[SettingSpec] = &[
         "Client key (PEM file) for mutual TLS.",
     ),
     s(
+        "immudb.verify",
+        "IMMUDB_VERIFY",
+        Some("true"),
+        "Write every batch with VerifiableSet and check every entry's inclusion and the dual proof from the trusted state.",
+    ),
+    s(
+        "immudb.server_signing_key",
+        "IMMUDB_SERVER_SIGNING_KEY",
+        None,
+        "immudb's state-signing public key (PEM file); when set, every verified state's signature is checked.",
+    ),
+    s(
+        "audit.interval",
+        "AUDIT_INTERVAL",
+        Some("60s"),
+        "Continuous audit: how often the server's state and a sample of rows are verified against the trusted state.",
+    ),
+    s(
+        "audit.sample_size",
+        "AUDIT_SAMPLE_SIZE",
+        Some("10"),
+        "Continuous audit: PostgreSQL rows re-verified against immudb per round.",
+    ),
+    s(
         "immudb.request_timeout",
         "IMMUDB_REQUEST_TIMEOUT",
         Some("10s"),
@@ -632,6 +656,17 @@ pub struct ImmudbSettings {
     pub password: SecretString,
     pub tls: Option<ImmudbTlsSettings>,
     pub request_timeout: Duration,
+    /// Verified writes and proofs against the trusted state.
+    pub verify: bool,
+    /// The server's state-signing public key (PEM file).
+    pub server_signing_key: Option<PathBuf>,
+}
+
+/// The continuous audit.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditSettings {
+    pub interval: Duration,
+    pub sample_size: u32,
 }
 
 /// PostgreSQL TLS mode (libpq's names).
@@ -711,6 +746,7 @@ pub struct Settings {
     pub immudb: ImmudbSettings,
     pub postgres: PostgresSettings,
     pub retry: RetrySettings,
+    pub audit: AuditSettings,
     pub circuit: CircuitSettings,
     /// Payload bytes in flight before fetching pauses.
     pub max_in_flight_bytes: u64,
@@ -830,6 +866,8 @@ impl Settings {
             password: required_secret(l, "immudb.password")?,
             tls: immudb_tls,
             request_timeout: duration(l, "immudb.request_timeout")?,
+            verify: boolean(l, "immudb.verify")?,
+            server_signing_key: optional(l, "immudb.server_signing_key").map(PathBuf::from),
         };
 
         let postgres = PostgresSettings {
@@ -890,6 +928,10 @@ impl Settings {
             immudb,
             postgres,
             retry,
+            audit: AuditSettings {
+                interval: duration(l, "audit.interval")?,
+                sample_size: number(l, "audit.sample_size", 0, 10_000)? as u32,
+            },
             circuit: CircuitSettings {
                 failure_threshold: number(l, "circuit.failure_threshold", 1, 1000)? as u32,
                 cooldown: duration(l, "circuit.cooldown")?,

@@ -33,6 +33,7 @@ pub struct Health {
     postgres_ok: AtomicBool,
     stopping: AtomicBool,
     breakers: Vec<Arc<CircuitBreaker>>,
+    trust: std::sync::OnceLock<Arc<crate::trust::Trust>>,
 }
 
 impl Health {
@@ -47,7 +48,13 @@ impl Health {
             postgres_ok: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             breakers,
+            trust: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Readiness also reports a failed verification (tamper suspected).
+    pub fn watch_trust(&self, trust: Arc<crate::trust::Trust>) {
+        let _ = self.trust.set(trust);
     }
 
     /// The consume loop is moving.
@@ -92,6 +99,10 @@ impl Health {
         if !self.postgres_ok.load(Ordering::Relaxed) {
             not_ready.push("postgres: not reachable".to_owned());
         }
+        let tampered = self.trust.get().is_some_and(|trust| trust.tampered());
+        if tampered {
+            not_ready.push("immudb: verification failed, tamper suspected".to_owned());
+        }
         let mut circuits = serde_json::Map::new();
         for breaker in &self.breakers {
             let state = breaker.state();
@@ -108,6 +119,7 @@ impl Health {
                 "kafka_group": self.in_group.load(Ordering::Relaxed),
                 "immudb": self.immudb_ok.load(Ordering::Relaxed),
                 "postgres": self.postgres_ok.load(Ordering::Relaxed),
+                "verification_failed": tampered,
                 "circuits": circuits,
             }
         });

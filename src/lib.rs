@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over these modules; integration tests use them directly.
 
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod event;
 pub mod http;

@@ -120,6 +120,28 @@ async fn stores_every_event_once_in_both_stores_and_commits_to_the_end() {
 
     let ids: Vec<Uuid> = corpus.iter().map(|(id, _)| *id).collect();
     assert_stored_exactly_once(&world, &pg, &world.immudb().await, &ids, "plant").await;
+    // IMMUDB_VERIFY is on by default: every batch was written with a verified transaction.
+    let unverified: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE NOT immudb_verified")
+            .fetch_one(&pg)
+            .await
+            .expect("count");
+    assert_eq!(
+        unverified, 0,
+        "rows written without a verified immudb transaction"
+    );
+    let trusted: i64 = sqlx::query_scalar("SELECT tx_id FROM immudb_trusted_state")
+        .fetch_one(&pg)
+        .await
+        .expect("the trusted state is persisted");
+    let max_tx: i64 = sqlx::query_scalar("SELECT max(immudb_tx) FROM audit_trail")
+        .fetch_one(&pg)
+        .await
+        .expect("max tx");
+    assert!(
+        trusted >= max_tx,
+        "trusted tx {trusted} behind the newest written tx {max_tx}"
+    );
     let committed = world.committed();
     for (tp, high) in world.end_offsets() {
         assert_eq!(committed[&tp], Some(high), "committed offset of {tp:?}");

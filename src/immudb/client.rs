@@ -414,6 +414,54 @@ impl ImmudbClient {
         }
     }
 
+    /// One page of the keys starting with `prefix`, in ascending key order, each with its
+    /// current value: the keys strictly after `seek_key` (empty: from the first key), at most
+    /// `limit` of them (0: the server's page size). `since_tx` makes the server wait until its
+    /// index covers that transaction, so a page reflects at least that state (0: no wait).
+    /// An empty page means the end. Deleted and expired keys are skipped by the server.
+    ///
+    /// immudb refuses a `limit` above its `--max-result-size` (2500 by default); that, and a
+    /// page too large for [`MAX_DECODING_MESSAGE_BYTES`], fail as
+    /// [`ImmudbError::InvalidArgument`], so a caller can retry with a smaller `limit`.
+    pub async fn scan(
+        &self,
+        prefix: &[u8],
+        seek_key: &[u8],
+        limit: u64,
+        since_tx: u64,
+    ) -> Result<Vec<Entry>, ImmudbError> {
+        let result = self
+            .call_raw("scan", |mut grpc, sid| {
+                let request = with_session(
+                    proto::ScanRequest {
+                        seek_key: seek_key.to_vec(),
+                        prefix: prefix.to_vec(),
+                        limit,
+                        since_tx,
+                        // Paging resumes after the last key of the previous page.
+                        inclusive_seek: false,
+                        ..Default::default()
+                    },
+                    sid,
+                );
+                async move { grpc.scan(request).await }
+            })
+            .await?;
+        match result {
+            Ok(entries) => Ok(entries.entries),
+            Err(status) if is_no_more_entries(&status) => Ok(Vec::new()),
+            // immudb sends this as UNKNOWN, which would otherwise read as transient: retrying
+            // the same limit cannot help.
+            Err(status) if status.message().contains("result size limit exceeded") => {
+                Err(ImmudbError::InvalidArgument {
+                    op: "scan",
+                    message: status.message().to_owned(),
+                })
+            }
+            Err(status) => Err(classify("scan", &status)),
+        }
+    }
+
     /// Requires, from now on, that every answer of the verified operations
     /// ([`verify_set_batch`](Self::verify_set_batch), [`verified_get`](Self::verified_get),
     /// [`verified_tx_by_id`](Self::verified_tx_by_id)) carries a valid signature by the server's

@@ -70,6 +70,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     pub immudb_breaker: Arc<CircuitBreaker>,
     pub pg_breaker: Arc<CircuitBreaker>,
+    /// The trusted immudb state when writes are verified.
+    pub trust: Option<Arc<crate::trust::Trust>>,
 }
 
 /// Runs until `shutdown` fires (then drains, commits and leaves the group) or a fatal error.
@@ -97,6 +99,7 @@ pub async fn run(
     let (progress, progress_rx) = watch::channel(0u64);
     let hard_stop = CancellationToken::new();
     let store = Arc::new(StoreContext {
+        trust: shared.trust.clone(),
         immudb_breaker: shared.immudb_breaker.clone(),
         pg_breaker: shared.pg_breaker.clone(),
         in_flight,

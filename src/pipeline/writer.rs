@@ -125,6 +125,8 @@ fn abandon(fates: &mut [Fate]) {
 
 /// Everything a writer needs; shared by the per-topic writer tasks.
 pub struct StoreContext {
+    /// The trusted immudb state when writes are verified (`IMMUDB_VERIFY`).
+    pub trust: Option<Arc<crate::trust::Trust>>,
     pub immudb_breaker: Arc<CircuitBreaker>,
     pub pg_breaker: Arc<CircuitBreaker>,
     /// Payload bytes in flight; a finished batch gives its bytes back.
@@ -148,6 +150,8 @@ enum Fate {
     InImmudb {
         tx: u64,
         written_now: bool,
+        /// Written with a verified transaction: inclusion and dual proof checked.
+        verified: bool,
     },
     /// Same key as an earlier event of this batch, with the same bytes: follows that one.
     SameAs(usize),
@@ -322,6 +326,7 @@ impl StoreContext {
                 Fate::InImmudb {
                     tx,
                     written_now: true,
+                    ..
                 } => {
                     report.stored += 1;
                     report.immudb_tx = report.immudb_tx.max(Some(tx));
@@ -428,6 +433,49 @@ impl StoreContext {
         report
     }
 
+    /// One immudb transaction for the group, verified when a trusted state is kept: every
+    /// entry's inclusion and the dual proof from the trusted state to the new transaction are
+    /// checked before the batch counts as written, then the trusted state moves forward.
+    /// Returns the transaction id and whether it was verified.
+    async fn set_group(&self, kvs: &[KeyValue]) -> Result<(u64, bool), Failure<ImmudbError>> {
+        let Some(trust) = &self.trust else {
+            let header = self
+                .retry
+                .run("immudb set", || self.immudb.set_all(kvs, true))
+                .await?;
+            return Ok((header.id, false));
+        };
+        let trusted = trust.current();
+        let (header, verified) = self
+            .retry
+            .run("immudb set", || {
+                self.immudb.verify_set_batch(kvs, true, &trusted)
+            })
+            .await
+            .inspect_err(|failure| {
+                if matches!(failure.error, ImmudbError::VerificationFailed { .. }) {
+                    trust.suspect_tampering("verified batch write", &failure.error);
+                }
+            })?;
+        if let Err(error) = trust.advance(verified).await {
+            // The proof held; only persisting the new anchor failed. The in-memory state moved
+            // on, and the next batch persists a later one.
+            tracing::warn!(%error, "cannot persist the trusted immudb state");
+        }
+        Ok((header.id, true))
+    }
+
+    /// The half-open probe of immudb's circuit: a health check, failing for good once a
+    /// verification failed (tampering is not a transient condition).
+    async fn immudb_probe(&self) -> Result<(), String> {
+        if self.trust.as_ref().is_some_and(|trust| trust.tampered()) {
+            return Err(
+                "verification failed: tamper suspected, restart after investigating".into(),
+            );
+        }
+        self.immudb.health().await.map_err(|e| e.to_string())
+    }
+
     /// Writes every pending event to immudb, resolving redeliveries and conflicts.
     async fn write_immudb(&self, events: &[ValidEvent], fates: &mut [Fate]) {
         let pending: Vec<usize> = (0..events.len())
@@ -457,18 +505,33 @@ impl StoreContext {
                     value: events[i].record.payload_bytes().to_vec(),
                 })
                 .collect();
-            let result = self
-                .retry
-                .run("immudb set", || self.immudb.set_all(&kvs, true))
-                .await;
+            let result = self.set_group(&kvs).await;
             count_operation(&metrics().immudb_operations, "set", &result);
             match result {
-                Ok(header) => {
+                Ok((tx, verified)) => {
                     for &i in &group {
                         fates[i] = Fate::InImmudb {
-                            tx: header.id,
+                            tx,
                             written_now: true,
+                            verified,
                         };
+                    }
+                    return;
+                }
+                // The server's answer contradicts the trusted state: tampering or a rollback.
+                // Never retried into success: consumption stops until an operator intervenes.
+                Err(Failure {
+                    error: ImmudbError::VerificationFailed { .. },
+                    ..
+                }) => {
+                    self.immudb_breaker.trip();
+                    let probe = || async { self.immudb_probe().await };
+                    let _ = self
+                        .immudb_breaker
+                        .wait_closed(probe, &self.hard_stop)
+                        .await;
+                    for &i in &group {
+                        fates[i] = Fate::Abandoned;
                     }
                     return;
                 }
@@ -487,7 +550,7 @@ impl StoreContext {
                 Err(failure) if !matches!(failure.error, ImmudbError::InvalidArgument { .. }) => {
                     tracing::error!(error = %failure.error, "immudb refuses the batch for a reason that is not its data; holding it");
                     self.immudb_breaker.trip();
-                    let probe = || async { self.immudb.health().await };
+                    let probe = || async { self.immudb_probe().await };
                     if self
                         .immudb_breaker
                         .wait_closed(probe, &self.hard_stop)
@@ -550,6 +613,7 @@ impl StoreContext {
                 Fate::InImmudb {
                     tx: entry.tx,
                     written_now: false,
+                    verified: false,
                 }
             } else {
                 Fate::Dead {
@@ -589,11 +653,11 @@ impl StoreContext {
         let rows: Vec<ReplicaRow<'_>> = group
             .iter()
             .map(|&i| {
-                let tx = match fates[i] {
-                    Fate::InImmudb { tx, .. } => tx,
-                    _ => 0,
+                let (tx, verified) = match fates[i] {
+                    Fate::InImmudb { tx, verified, .. } => (tx, verified),
+                    _ => (0, false),
                 };
-                replica_row(&events[i], tx)
+                replica_row(&events[i], tx, verified)
             })
             .collect();
         let result = loop {
@@ -657,12 +721,12 @@ impl StoreContext {
     }
 }
 
-fn replica_row(event: &ValidEvent, tx: u64) -> ReplicaRow<'_> {
+fn replica_row(event: &ValidEvent, tx: u64, verified: bool) -> ReplicaRow<'_> {
     ReplicaRow {
         event: &event.event,
         immudb_key: &event.immudb_key,
         immudb_tx: tx,
-        immudb_verified: false,
+        immudb_verified: verified,
         payload_sha256: &event.digest,
         topic: &event.record.topic,
         partition: event.record.partition,
