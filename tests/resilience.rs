@@ -476,3 +476,133 @@ async fn a_store_refusing_for_privileges_holds_batches_instead_of_draining_into_
     let ids: Vec<Uuid> = corpus.iter().map(|(id, _)| *id).collect();
     assert_eq!(assert_no_loss_no_duplicates(&world, &ids).await, 0);
 }
+
+/// Copies a directory tree (the immudb data dir) with `cp -a`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(
+        status.success(),
+        "copying {} to {}",
+        from.display(),
+        to.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolled_back_immudb_is_refused_by_the_daemon_and_its_audit() {
+    let _serial = serial().await;
+    let world = Arc::new(World::new(&TOPICS[..1], 1).await);
+    let pg = world.pg().await;
+    let stack_dir = std::path::PathBuf::from(
+        std::env::var("AUDIT_STACK_DIR").unwrap_or_else(|_| "/tmp/audit-consumer-stack".into()),
+    );
+    let data = stack_dir.join("immudb").join("data");
+    let snapshot = std::env::temp_dir().join(unique("immudb-snapshot-"));
+    let overrides = BTreeMap::from([("AUDIT_INTERVAL", "1s".to_owned())]);
+
+    let first = valid_corpus(&world, 300, 1);
+    world
+        .produce(&first.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    let daemon = world.start_daemon("a", &overrides);
+    wait_until("the first 300 rows", Duration::from_secs(60), || async {
+        (world.pg_count(&pg).await >= 300).then_some(())
+    })
+    .await;
+
+    // The attacker's copy of the data directory at tx N.
+    {
+        let mut outage = Outage::begin(&world, "immudb");
+        copy_tree(&data, &snapshot);
+        outage.end();
+    }
+    // The daemon keeps writing to tx M > N and trusts M.
+    let second = valid_corpus(&world, 300, 1);
+    world
+        .produce(&second.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    wait_until("600 rows", Duration::from_secs(120), || async {
+        (world.pg_count(&pg).await >= 600).then_some(())
+    })
+    .await;
+    let trusted_before: i64 = sqlx::query_scalar("SELECT tx_id FROM immudb_trusted_state")
+        .fetch_one(&pg)
+        .await
+        .expect("trusted state");
+
+    // Roll immudb back to the copy.
+    {
+        let mut outage = Outage::begin(&world, "immudb");
+        std::fs::remove_dir_all(&data).expect("remove data");
+        copy_tree(&snapshot, &data);
+        outage.end();
+    }
+    std::fs::remove_dir_all(&snapshot).ok();
+
+    // Writing stops and the daemon says why: /ready names the tampering, the counter moves,
+    // new events are not stored on top of the rolled-back history.
+    let addr = daemon.http_addr().await;
+    let third = valid_corpus(&world, 50, 1);
+    world
+        .produce(&third.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    wait_until(
+        "/ready to report the failed verification",
+        Duration::from_secs(60),
+        || async {
+            match http_get(addr, "/ready").await {
+                Ok((503, body)) if body.contains("tamper suspected") => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let (_, scrape) = http_get(addr, "/metrics").await.expect("metrics");
+    assert!(metric_value(&scrape, "audit_verification_failures_total").unwrap_or(0.0) >= 1.0);
+    assert!(
+        matches!(http_get(addr, "/health").await, Ok((200, _))),
+        "tampering must not restart-loop the pod"
+    );
+    let log = std::fs::read_to_string(&daemon.log).expect("log");
+    assert!(
+        log.contains("tamper_suspected"),
+        "the critical event is logged"
+    );
+    assert_eq!(
+        world.pg_count(&pg).await,
+        600,
+        "nothing is written on top of a rolled-back immudb"
+    );
+    let trusted_after: i64 = sqlx::query_scalar("SELECT tx_id FROM immudb_trusted_state")
+        .fetch_one(&pg)
+        .await
+        .expect("trusted state");
+    assert_eq!(
+        trusted_after, trusted_before,
+        "the trusted state never moves back"
+    );
+    assert!(daemon.terminate(Duration::from_secs(40)).await.success());
+
+    // A restart refuses to start against the rolled-back server.
+    let mut restarted = world.start_daemon("b", &overrides);
+    wait_until(
+        "the restarted daemon to refuse and exit",
+        Duration::from_secs(60),
+        || {
+            let running = restarted.is_running();
+            async move { (!running).then_some(()) }
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&restarted.log).expect("log");
+    assert!(
+        log.contains("tamper or rollback suspected"),
+        "the refusal says why: {log}"
+    );
+    assert_eq!(world.pg_count(&pg).await, 600);
+}
