@@ -76,7 +76,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let dlq = DlqProducer::new(&settings.kafka, &settings.instance_id)
         .context("creating the DLQ producer")?;
 
-    let immudb = match &settings.immudb.server_signing_key {
+    let server_key = match &settings.immudb.server_signing_key {
         Some(path) => {
             let pem = std::fs::read_to_string(path).with_context(|| {
                 format!("IMMUDB_SERVER_SIGNING_KEY: reading {}", path.display())
@@ -87,16 +87,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     path.display()
                 )
             })?;
-            immudb.with_server_signing_key(key)
+            Some(key)
         }
+        None => None,
+    };
+    let immudb = match &server_key {
+        Some(key) => immudb.with_server_signing_key(key.clone()),
         None => immudb,
     };
     let trust = if settings.immudb.verify {
         let store = TrustStore::new(pg.clone());
         let state = loop {
-            match audit::establish_trust(&immudb, &store).await {
+            match audit::establish_trust(&immudb, &store, server_key.as_ref()).await {
                 Ok(state) => break state,
-                Err(error @ TrustError::Inconsistent { .. }) => {
+                Err(error @ (TrustError::Inconsistent { .. } | TrustError::BadSignature(_))) => {
                     return Err(error).context("establishing trust in immudb");
                 }
                 Err(TrustError::Immudb(error)) if !error.is_transient() => {

@@ -16,7 +16,9 @@ use uuid::Uuid;
 
 use crate::config::AuditSettings;
 use crate::event::payload_sha256;
-use crate::immudb::{ImmudbClient, ImmudbError, TrustedState};
+use crate::immudb::{
+    ImmudbClient, ImmudbError, StateVerifyingKey, TrustedState, VerificationError,
+};
 use crate::metrics::metrics;
 use crate::trust::{Trust, TrustStore};
 
@@ -32,6 +34,11 @@ pub enum TrustError {
         #[source]
         source: ImmudbError,
     },
+    #[error(
+        "immudb's state signature does not verify with IMMUDB_SERVER_SIGNING_KEY: {0}; \
+         tamper or rollback suspected, refusing to write"
+    )]
+    BadSignature(#[source] VerificationError),
     #[error("immudb: {0}")]
     Immudb(#[from] ImmudbError),
     #[error("PostgreSQL (trusted state): {0}")]
@@ -44,6 +51,7 @@ pub enum TrustError {
 pub async fn establish_trust(
     immudb: &ImmudbClient,
     store: &TrustStore,
+    server_key: Option<&StateVerifyingKey>,
 ) -> Result<TrustedState, TrustError> {
     let database = immudb.database().to_owned();
     let trusted = match store.load(&database).await? {
@@ -57,6 +65,17 @@ pub async fn establish_trust(
         }
     };
     let current = immudb.current_state().await?;
+    // With a configured key the server must sign its state, even an empty database's.
+    if let Some(key) = server_key {
+        let signed = TrustedState::from_proto(&current)
+            .and_then(|state| state.verify_signature(key))
+            .map_err(|error| {
+                metrics().verification_failures.inc();
+                tracing::error!(event = "tamper_suspected", %error, "immudb's state signature does not verify");
+                TrustError::BadSignature(error)
+            });
+        signed?;
+    }
     if current.tx_id == 0 && trusted.is_fresh() {
         return Ok(trusted);
     }

@@ -9,6 +9,8 @@
 //!   `captures_real_proofs_into_a_temp_dir`, copied by hand): they verify, and flipping any
 //!   single byte of any part of them (exhaustively, every position) makes verification fail.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1091,4 +1093,64 @@ async fn verification_cost_of_1000_entry_batches() {
         per(local)
     );
     client.close().await;
+}
+
+/// The daemon checks a signing server's states with the configured public key: the right key
+/// starts it, a wrong one is refused at start-up with a message that says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_refuses_a_signing_server_whose_key_is_not_the_configured_one() {
+    use p256::pkcs8::{EncodePublicKey as _, LineEnding};
+
+    let signing = signing_key();
+    let server = SigningServer::start(&sec1_pem_with_curve(&signing));
+    let _ready = server.client().await;
+    let world = common::World::new(&["signed.v1"], 1).await;
+    let dir = std::env::temp_dir().join(common::unique("signing-keys-"));
+    fs::create_dir_all(&dir).expect("dir");
+    let right = dir.join("right.pem");
+    let wrong = dir.join("wrong.pem");
+    let pem = |key: &p256::ecdsa::SigningKey| {
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem")
+    };
+    fs::write(&right, pem(&signing)).expect("write");
+    fs::write(&wrong, pem(&signing_key())).expect("write");
+    let overrides = |key: &Path| {
+        std::collections::BTreeMap::from([
+            ("IMMUDB_PORT", server.port.to_string()),
+            ("IMMUDB_PASSWORD", SIGNING_SERVER_PASSWORD.to_owned()),
+            (
+                "IMMUDB_SERVER_SIGNING_KEY",
+                key.to_string_lossy().into_owned(),
+            ),
+        ])
+    };
+
+    let mut refused = world.start_daemon("wrong-key", &overrides(&wrong));
+    common::wait_until(
+        "the daemon to refuse the server",
+        Duration::from_secs(60),
+        || {
+            let running = refused.is_running();
+            async move { (!running).then_some(()) }
+        },
+    )
+    .await;
+    let log = fs::read_to_string(&refused.log).expect("log");
+    assert!(
+        log.contains("tamper or rollback suspected") && log.contains("signature"),
+        "{log}"
+    );
+
+    let accepted = world.start_daemon("right-key", &overrides(&right));
+    let addr = accepted.http_addr().await;
+    common::wait_until(
+        "/ready with the right key",
+        Duration::from_secs(60),
+        || async { matches!(common::http_get(addr, "/ready").await, Ok((200, _))).then_some(()) },
+    )
+    .await;
+    assert!(accepted.terminate(Duration::from_secs(30)).await.success());
+    fs::remove_dir_all(&dir).ok();
 }
