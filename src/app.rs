@@ -92,7 +92,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let immudb = match &server_key {
-        Some(key) => immudb.with_server_signing_key(key.clone()),
+        Some(key) => immudb.with_server_signing_key(*key),
         None => immudb,
     };
     let trust = if settings.immudb.verify {

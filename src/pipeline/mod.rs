@@ -16,6 +16,7 @@ pub mod record;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -128,6 +129,7 @@ pub async fn run(
         tracker,
         progress: progress_rx,
         invalid_runs: HashMap::new(),
+        parked: HashMap::new(),
         interrupt: shutdown.clone(),
     };
     let outcome = dispatcher.consume(events, &shutdown).await;
@@ -208,6 +210,8 @@ struct Dispatcher<'a> {
     progress: watch::Receiver<u64>,
     /// Consecutive invalid events per partition, for the flood cap.
     invalid_runs: HashMap<TopicPartition, u64>,
+    /// Full batches waiting for room in their topic's writer queue.
+    parked: HashMap<String, Batch<BatchItem>>,
     /// Abandons a dispatch waiting on a full writer queue: the shutdown signal while consuming,
     /// the drain deadline while draining. An abandoned batch stays uncommitted.
     interrupt: CancellationToken,
@@ -227,6 +231,13 @@ impl Dispatcher<'_> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(events),
+                (topic, permit) = self.parked_ready() => match (permit, self.parked.remove(&topic)) {
+                    (Some(permit), Some(batch)) => {
+                        permit.send(batch);
+                    }
+                    (None, _) => return Err((events, PipelineError::WriterGone { topic })),
+                    (Some(_), None) => {}
+                },
                 () = sleep_until_opt(deadline) => {
                     for batch in self.batcher.take_due(Instant::now()) {
                         if let Err(error) = self.dispatch(batch).await {
@@ -304,26 +315,80 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// Hands a batch to its topic's writer, starting the writer on first use. Waits while the
-    /// writer's queue is full: that is the backpressure that bounds memory.
+    /// Hands a batch to its topic's writer, starting the writer on first use. When that writer's
+    /// queue is full the batch is parked (one per topic) so the other topics keep flowing; a
+    /// second full batch of the same topic waits for the parked one: that wait is the
+    /// backpressure that bounds memory.
     async fn dispatch(&mut self, batch: Batch<BatchItem>) -> Result<(), PipelineError> {
+        let topic = batch.topic.clone();
+        // Batches of a topic keep their order: a parked one goes first.
+        self.unpark(&topic).await?;
         let writer = self
             .writers
-            .entry(batch.topic.clone())
+            .entry(topic.clone())
             .or_insert_with(|| spawn_writer(&self.tasks, self.store.clone()));
-        // A writer only ends when its channel closes, so a send error means it panicked. Its
-        // events stay pending for ever (nothing past them commits): stop rather than go on.
-        writer
-            .send(batch)
-            .await
-            .map_err(|mpsc::error::SendError(batch)| PipelineError::WriterGone {
-                topic: batch.topic,
+        match writer.try_send(batch) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(batch)) => {
+                self.parked.insert(topic, batch);
+                Ok(())
+            }
+            // A writer only ends when its channel closes, so a send error means it panicked.
+            // Its events stay pending for ever (nothing past them commits): stop.
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PipelineError::WriterGone { topic }),
+        }
+    }
+
+    /// Sends the topic's parked batch, waiting for room in its writer's queue (or until the
+    /// interrupt: an abandoned batch stays uncommitted and is redelivered).
+    async fn unpark(&mut self, topic: &str) -> Result<(), PipelineError> {
+        let Some(batch) = self.parked.remove(topic) else {
+            return Ok(());
+        };
+        let Some(writer) = self.writers.get(topic) else {
+            return Err(PipelineError::WriterGone {
+                topic: topic.to_owned(),
+            });
+        };
+        tokio::select! {
+            sent = writer.send(batch) => sent.map_err(|_| PipelineError::WriterGone { topic: topic.to_owned() }),
+            () = self.interrupt.cancelled() => Ok(()),
+        }
+    }
+
+    /// Resolves when some parked batch's writer has room: returns its topic and the permit.
+    fn parked_ready(
+        &self,
+    ) -> impl Future<Output = (String, Option<mpsc::OwnedPermit<Batch<BatchItem>>>)> + use<> {
+        let waits: Vec<_> = self
+            .parked
+            .keys()
+            .filter_map(|topic| {
+                let writer = self.writers.get(topic)?.clone();
+                let topic = topic.clone();
+                Some(Box::pin(async move {
+                    (topic, writer.reserve_owned().await.ok())
+                }))
             })
+            .collect();
+        async move {
+            if waits.is_empty() {
+                std::future::pending().await
+            } else {
+                futures::future::select_all(waits).await.0
+            }
+        }
     }
 
     async fn flush_all(&mut self) {
         for batch in self.batcher.take_all() {
             if let Err(error) = self.dispatch(batch).await {
+                tracing::error!(%error, "cannot flush during shutdown");
+            }
+        }
+        let topics: Vec<String> = self.parked.keys().cloned().collect();
+        for topic in topics {
+            if let Err(error) = self.unpark(&topic).await {
                 tracing::error!(%error, "cannot flush during shutdown");
             }
         }
@@ -336,11 +401,13 @@ impl Dispatcher<'_> {
         partitions: Vec<TopicPartition>,
         reply: oneshot::Sender<Vec<(TopicPartition, i64)>>,
     ) {
-        let topics: HashSet<&str> = partitions.iter().map(|tp| tp.topic.as_str()).collect();
-        for topic in topics {
-            if let Some(batch) = self.batcher.take(topic)
-                && let Err(error) = self.dispatch(batch).await
-            {
+        let topics: HashSet<String> = partitions.iter().map(|tp| tp.topic.clone()).collect();
+        for topic in &topics {
+            let flushed = match self.batcher.take(topic) {
+                Some(batch) => self.dispatch(batch).await,
+                None => Ok(()),
+            };
+            if let Err(error) = flushed.and(self.unpark(topic).await) {
                 tracing::error!(%error, "cannot flush a revoked partition's batch");
             }
         }
