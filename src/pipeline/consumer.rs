@@ -333,7 +333,7 @@ pub fn create(
         health: links.health,
         in_flight: links.in_flight,
         max_in_flight_bytes: i64::try_from(links.max_in_flight_bytes).unwrap_or(i64::MAX),
-        pause_after_held: settings.batch_size,
+        pause_after_held: settings.batch_size * 4,
     };
     let consumer: BaseConsumer<PipelineContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();

@@ -451,8 +451,13 @@ impl Dispatcher<'_> {
 
 /// One writer per topic: batches of a topic are stored strictly in order; topics run in
 /// parallel. The queue holds one batch while another is being written.
+/// Full batches queued per topic ahead of its writer. A few absorb the jitter between topics'
+/// store latencies, so one briefly slower topic does not stall the dispatcher for all; each costs
+/// at most a batch of memory (the byte cap still bounds the total).
+const WRITER_QUEUE: usize = 3;
+
 fn spawn_writer(tasks: &TaskTracker, store: Arc<StoreContext>) -> mpsc::Sender<Batch<BatchItem>> {
-    let (tx, mut batches) = mpsc::channel::<Batch<BatchItem>>(1);
+    let (tx, mut batches) = mpsc::channel::<Batch<BatchItem>>(WRITER_QUEUE);
     // Two stages per topic, each strictly in order: immudb for batch n+1 overlaps PostgreSQL for
     // batch n. Offsets are only marked done by the second stage, so the commit rule holds.
     let (staged_tx, mut staged) = mpsc::channel(1);
