@@ -13,4 +13,5 @@ pub mod pipeline;
 pub mod postgres;
 pub mod resilience;
 pub mod telemetry;
+pub mod tools;
 pub mod trust;
