@@ -588,6 +588,23 @@ async fn a_rolled_back_immudb_is_refused_by_the_daemon_and_its_audit() {
     );
     assert!(daemon.terminate(Duration::from_secs(40)).await.success());
 
+    // `verify` refuses an event written after the copy: the server no longer proves it.
+    let (late_id, _) = &second[0];
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_audit-consumer"))
+        .args(["verify", "--event-id", &late_id.to_string()])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(world.daemon_env(&BTreeMap::new()))
+        .output()
+        .expect("run verify");
+    assert_eq!(
+        verify.status.code(),
+        Some(1),
+        "verify must fail against the rolled-back server:\n{}\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
     // A restart refuses to start against the rolled-back server.
     let mut restarted = world.start_daemon("b", &overrides);
     wait_until(

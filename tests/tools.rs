@@ -469,3 +469,37 @@ async fn replay_dlq_stores_dead_letters_once_after_their_cause_is_fixed() {
     human.expect_code(1, "human dry run");
     assert!(human.stdout.contains("STILL INVALID"), "{}", human.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_verified_events_and_verify_passes_on_a_hundred_random_rows() {
+    let world = World::new(&["plant-lifecycle.v1", "financial.v1"], 2).await;
+    let pg = world.pg().await;
+    let corpus = valid_corpus(&world, 10_000, 2);
+    world
+        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    let daemon = world.start_daemon("a", &BTreeMap::new());
+    wait_rows(&world, &pg, 10_000).await;
+    wait_fully_committed(&world).await;
+    assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+
+    let unverified: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE NOT immudb_verified")
+            .fetch_one(&pg)
+            .await
+            .expect("count");
+    assert_eq!(
+        unverified, 0,
+        "every row was written with a verified immudb transaction"
+    );
+    let sample: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT event_id FROM audit_trail ORDER BY random() LIMIT 100")
+            .fetch_all(&pg)
+            .await
+            .expect("sample");
+    assert_eq!(sample.len(), 100);
+    for (id,) in sample {
+        tool(&world, &["verify", "--event-id", &id.to_string()], &[])
+            .expect_code(0, &format!("verify {id}"));
+    }
+}
