@@ -72,14 +72,7 @@ async fn probes_answer_and_metrics_agree_with_the_stores() {
         }])
         .await;
 
-    let end = world.end_offsets();
-    wait_until("everything committed", Duration::from_secs(60), || async {
-        let committed = world.committed();
-        end.iter()
-            .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
-            .then_some(())
-    })
-    .await;
+    world.wait_committed_to_end(Duration::from_secs(60)).await;
     // librdkafka reports lag every 5 s; wait for the report that follows the last commit.
     let scrape = wait_until(
         "consumer lag 0 on every partition",

@@ -80,18 +80,7 @@ async fn assert_stored_exactly_once(
 
 /// Waits until the group's committed offsets reach the log end on every partition.
 async fn wait_fully_committed(world: &World, timeout: Duration) {
-    let end = world.end_offsets();
-    wait_until(
-        "committed offsets to reach the log end offsets",
-        timeout,
-        || async {
-            let committed = world.committed();
-            end.iter()
-                .all(|(tp, high)| *high == 0 || committed.get(tp).copied().flatten() == Some(*high))
-                .then_some(())
-        },
-    )
-    .await;
+    world.wait_committed_to_end(timeout).await;
 }
 
 async fn wait_rows(world: &World, pg: &PgPool, expected: i64, timeout: Duration) {

@@ -266,18 +266,7 @@ async fn store_outage(service: &'static str, outage: Duration) {
     let ready_after = back_at.elapsed();
     stop_stream.cancel();
     let produced = stream.await.expect("stream task");
-    let end = world.end_offsets();
-    wait_until(
-        "lag 0 (committed = log end)",
-        Duration::from_secs(180),
-        || async {
-            let committed = world.committed();
-            end.iter()
-                .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
-                .then_some(())
-        },
-    )
-    .await;
+    world.wait_committed_to_end(Duration::from_secs(180)).await;
     let lag_zero_after = back_at.elapsed();
     assert!(daemon.terminate(Duration::from_secs(30)).await.success());
     let parked = assert_no_loss_no_duplicates(&world, &produced).await;
@@ -330,18 +319,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
     .await;
     stop_stream.cancel();
     let produced = stream.await.expect("stream task");
-    let end = world.end_offsets();
-    wait_until(
-        "lag 0 after the broker restart",
-        Duration::from_secs(120),
-        || async {
-            let committed = world.committed();
-            end.iter()
-                .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
-                .then_some(())
-        },
-    )
-    .await;
+    world.wait_committed_to_end(Duration::from_secs(120)).await;
     record_figure(&format!(
         "kafka restart: lag 0 {:.1}s after the restart began; {} events",
         restarted_at.elapsed().as_secs_f64(),
@@ -382,14 +360,7 @@ async fn three_members_one_killed_one_added_store_200k_events_exactly_once() {
         (world.pg_count(&pg).await >= 200_000).then_some(())
     })
     .await;
-    let end = world.end_offsets();
-    wait_until("lag 0", Duration::from_secs(120), || async {
-        let committed = world.committed();
-        end.iter()
-            .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
-            .then_some(())
-    })
-    .await;
+    world.wait_committed_to_end(Duration::from_secs(120)).await;
     record_figure(&format!(
         "3 members, 12 partitions, 200,000 events, one killed and one added: all committed after {:.1}s",
         started.elapsed().as_secs_f64()
@@ -460,18 +431,7 @@ async fn a_store_refusing_for_privileges_holds_batches_instead_of_draining_into_
         .execute(&pg)
         .await
         .expect("grant");
-    let end = world.end_offsets();
-    wait_until(
-        "everything stored once the privilege is back",
-        Duration::from_secs(60),
-        || async {
-            let committed = world.committed();
-            end.iter()
-                .all(|(tp, high)| committed.get(tp).copied().flatten() == Some(*high))
-                .then_some(())
-        },
-    )
-    .await;
+    world.wait_committed_to_end(Duration::from_secs(60)).await;
     assert!(daemon.terminate(Duration::from_secs(30)).await.success());
     let ids: Vec<Uuid> = corpus.iter().map(|(id, _)| *id).collect();
     assert_eq!(assert_no_loss_no_duplicates(&world, &ids).await, 0);

@@ -71,18 +71,7 @@ async fn wait_rows(world: &World, pg: &PgPool, expected: i64) {
 }
 
 async fn wait_fully_committed(world: &World) {
-    let end = world.end_offsets();
-    wait_until(
-        "committed offsets to reach the log end offsets",
-        Duration::from_secs(120),
-        || async {
-            let committed = world.committed();
-            end.iter()
-                .all(|(tp, high)| *high == 0 || committed.get(tp).copied().flatten() == Some(*high))
-                .then_some(())
-        },
-    )
-    .await;
+    world.wait_committed_to_end(Duration::from_secs(120)).await;
 }
 
 /// Fills a one-topic world through the daemon and stops it; returns the stored ids.

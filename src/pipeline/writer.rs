@@ -113,6 +113,13 @@ pub struct Staged {
     fates: Vec<Fate>,
 }
 
+/// Gives up a whole group (shutdown while its store is unusable).
+fn abandon_group(fates: &mut [Fate], group: &[usize]) {
+    for &i in group {
+        fates[i] = Fate::Abandoned;
+    }
+}
+
 /// Gives up the events not settled yet (shutdown while a store is unusable): they stay
 /// uncommitted and are redelivered.
 fn abandon(fates: &mut [Fate]) {
@@ -232,13 +239,7 @@ impl StoreContext {
     async fn immudb_stage(&self, staged: &mut Staged) {
         // While immudb's circuit is open the batch waits here (it is not dead-lettered); the
         // full queues behind it pause the consumer.
-        let probe = || async { self.immudb.health().await };
-        if self
-            .immudb_breaker
-            .wait_closed(probe, &self.hard_stop)
-            .await
-            .is_err()
-        {
+        if !self.immudb_available().await {
             abandon(&mut staged.fates);
             return;
         }
@@ -294,13 +295,7 @@ impl StoreContext {
         let fates = &mut staged.fates;
         let valid = &staged.valid;
         if fates.iter().any(|f| matches!(f, Fate::InImmudb { .. })) {
-            let probe = || async { sqlx::query("SELECT 1").execute(&self.pg).await.map(|_| ()) };
-            if self
-                .pg_breaker
-                .wait_closed(probe, &self.hard_stop)
-                .await
-                .is_err()
-            {
+            if !self.postgres_available().await {
                 abandon(fates);
             } else {
                 let started = std::time::Instant::now();
@@ -465,6 +460,25 @@ impl StoreContext {
         Ok((header.id, true))
     }
 
+    /// Waits until immudb's circuit is closed (probing it after each cool-down); false when
+    /// the process must stop first.
+    async fn immudb_available(&self) -> bool {
+        let probe = || self.immudb_probe();
+        self.immudb_breaker
+            .wait_closed(probe, &self.hard_stop)
+            .await
+            .is_ok()
+    }
+
+    /// Waits until PostgreSQL's circuit is closed; false when the process must stop first.
+    async fn postgres_available(&self) -> bool {
+        let probe = || async { sqlx::query("SELECT 1").execute(&self.pg).await.map(|_| ()) };
+        self.pg_breaker
+            .wait_closed(probe, &self.hard_stop)
+            .await
+            .is_ok()
+    }
+
     /// The half-open probe of immudb's circuit: a health check, failing for good once a
     /// verification failed (tampering is not a transient condition).
     async fn immudb_probe(&self) -> Result<(), String> {
@@ -525,15 +539,9 @@ impl StoreContext {
                     ..
                 }) => {
                     self.immudb_breaker.trip();
-                    let probe = || async { self.immudb_probe().await };
-                    let _ = self
-                        .immudb_breaker
-                        .wait_closed(probe, &self.hard_stop)
-                        .await;
-                    for &i in &group {
-                        fates[i] = Fate::Abandoned;
-                    }
-                    return;
+                    // Waits until shutdown: the probe fails for good once tampering is suspected.
+                    self.immudb_available().await;
+                    return abandon_group(fates, &group);
                 }
                 Err(Failure {
                     error: ImmudbError::PreconditionFailed { .. },
@@ -550,17 +558,8 @@ impl StoreContext {
                 Err(failure) if !matches!(failure.error, ImmudbError::InvalidArgument { .. }) => {
                     tracing::error!(error = %failure.error, "immudb refuses the batch for a reason that is not its data; holding it");
                     self.immudb_breaker.trip();
-                    let probe = || async { self.immudb_probe().await };
-                    if self
-                        .immudb_breaker
-                        .wait_closed(probe, &self.hard_stop)
-                        .await
-                        .is_err()
-                    {
-                        for &i in &group {
-                            fates[i] = Fate::Abandoned;
-                        }
-                        return;
+                    if !self.immudb_available().await {
+                        return abandon_group(fates, &group);
                     }
                 }
                 Err(failure) if group.len() == 1 => {
@@ -675,18 +674,8 @@ impl StoreContext {
                 Err(failure) if !failure.error.is_transient() && !failure.error.is_data_error() => {
                     tracing::error!(error = %failure.error, sqlstate = failure.error.sqlstate(), "PostgreSQL refuses the batch for a reason that is not its data; holding it");
                     self.pg_breaker.trip();
-                    let probe =
-                        || async { sqlx::query("SELECT 1").execute(&self.pg).await.map(|_| ()) };
-                    if self
-                        .pg_breaker
-                        .wait_closed(probe, &self.hard_stop)
-                        .await
-                        .is_err()
-                    {
-                        for &i in &group {
-                            fates[i] = Fate::Abandoned;
-                        }
-                        return;
+                    if !self.postgres_available().await {
+                        return abandon_group(fates, &group);
                     }
                 }
                 other => break other,

@@ -336,6 +336,25 @@ impl World {
             .collect()
     }
 
+    /// Waits until the group's committed offsets reach the log end of every partition (lag 0),
+    /// measured against the end offsets at the time of the call.
+    pub async fn wait_committed_to_end(&self, timeout: Duration) {
+        let end = self.end_offsets();
+        wait_until(
+            "committed offsets to reach the log end offsets",
+            timeout,
+            || async {
+                let committed = self.committed();
+                end.iter()
+                    .all(|(tp, high)| {
+                        *high == 0 || committed.get(tp).copied().flatten() == Some(*high)
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Log end offsets per topic partition.
     pub fn end_offsets(&self) -> BTreeMap<(String, i32), i64> {
         let consumer: BaseConsumer = ClientConfig::new()
