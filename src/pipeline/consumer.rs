@@ -138,8 +138,7 @@ impl PipelineContext {
     }
 
     /// Pauses or resumes every assigned partition to match the backpressure.
-    fn apply_backpressure(&self, consumer: &BaseConsumer<Self>) {
-        let wanted = self.backpressured();
+    fn apply_backpressure(&self, consumer: &BaseConsumer<Self>, wanted: bool) {
         if wanted == self.paused.load(Ordering::Relaxed) {
             return;
         }
@@ -277,6 +276,9 @@ impl ConsumerContext for PipelineContext {
     }
 }
 
+/// How long the pipeline may stay full before the partitions are paused.
+const PAUSE_AFTER_STALL: Duration = Duration::from_secs(5);
+
 /// What the consumer shares with the rest of the daemon.
 pub struct ConsumerLinks {
     pub events: mpsc::Sender<ConsumerEvent>,
@@ -333,7 +335,7 @@ pub fn create(
         health: links.health,
         in_flight: links.in_flight,
         max_in_flight_bytes: i64::try_from(links.max_in_flight_bytes).unwrap_or(i64::MAX),
-        pause_after_held: settings.batch_size * 4,
+        pause_after_held: settings.batch_size,
     };
     let consumer: BaseConsumer<PipelineContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -352,6 +354,7 @@ pub fn spawn_poll_thread(
         .name("kafka-poll".into())
         .spawn(move || {
             let context = consumer.context();
+            let mut pressed_since: Option<std::time::Instant> = None;
             while !stop.is_cancelled() {
                 context.health.beat();
                 while let Ok(command) = commands.try_recv() {
@@ -360,7 +363,24 @@ pub fn spawn_poll_thread(
                 if !context.deliver_held() {
                     break;
                 }
-                context.apply_backpressure(&consumer);
+                // Short stalls (a busy writer) just stop polling: librdkafka's bounded prefetch
+                // waits for us. Pausing would purge that prefetch and, on resume, leave the
+                // fetcher asleep for up to a second. Only a stall that lasts (an open circuit)
+                // pauses the partitions, so that polling — rebalances, max.poll.interval.ms —
+                // goes on while Kafka holds the backlog.
+                if context.backpressured() {
+                    let since = *pressed_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < PAUSE_AFTER_STALL
+                        && !context.paused.load(Ordering::Relaxed)
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    context.apply_backpressure(&consumer, true);
+                } else {
+                    pressed_since = None;
+                    context.apply_backpressure(&consumer, false);
+                }
                 // While held events wait, poll briefly so they are handed over as soon as there is room.
                 let timeout = if context.held().is_empty() { 50 } else { 5 };
                 match consumer.poll(Duration::from_millis(timeout)) {
