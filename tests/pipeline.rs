@@ -84,12 +84,7 @@ async fn wait_fully_committed(world: &World, timeout: Duration) {
 }
 
 async fn wait_rows(world: &World, pg: &PgPool, expected: i64, timeout: Duration) {
-    wait_until(
-        &format!("{expected} rows in PostgreSQL"),
-        timeout,
-        || async { (world.pg_count(pg).await >= expected).then_some(()) },
-    )
-    .await;
+    world.wait_rows(pg, expected, timeout).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -110,11 +105,7 @@ async fn stores_every_event_once_in_both_stores_and_commits_to_the_end() {
     let ids: Vec<Uuid> = corpus.iter().map(|(id, _)| *id).collect();
     assert_stored_exactly_once(&world, &pg, &world.immudb().await, &ids, "plant").await;
     // IMMUDB_VERIFY is on by default: every batch was written with a verified transaction.
-    let unverified: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE NOT immudb_verified")
-            .fetch_one(&pg)
-            .await
-            .expect("count");
+    let unverified = world.unverified_rows(&pg).await;
     assert_eq!(
         unverified, 0,
         "rows written without a verified immudb transaction"

@@ -62,12 +62,9 @@ fn tool(world: &World, args: &[&str], extra: &[(&str, &str)]) -> ToolRun {
 }
 
 async fn wait_rows(world: &World, pg: &PgPool, expected: i64) {
-    wait_until(
-        &format!("{expected} rows in PostgreSQL"),
-        Duration::from_secs(120),
-        || async { (world.pg_count(pg).await >= expected).then_some(()) },
-    )
-    .await;
+    world
+        .wait_rows(pg, expected, Duration::from_secs(120))
+        .await;
 }
 
 async fn wait_fully_committed(world: &World) {
@@ -472,11 +469,7 @@ async fn ten_thousand_verified_events_and_verify_passes_on_a_hundred_random_rows
     wait_fully_committed(&world).await;
     assert!(daemon.terminate(Duration::from_secs(30)).await.success());
 
-    let unverified: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE NOT immudb_verified")
-            .fetch_one(&pg)
-            .await
-            .expect("count");
+    let unverified = world.unverified_rows(&pg).await;
     assert_eq!(
         unverified, 0,
         "every row was written with a verified immudb transaction"

@@ -448,6 +448,24 @@ impl World {
         out
     }
 
+    /// Waits until audit_trail holds at least `expected` rows.
+    pub async fn wait_rows(&self, pg: &PgPool, expected: i64, timeout: Duration) {
+        wait_until(
+            &format!("{expected} rows in PostgreSQL"),
+            timeout,
+            || async { (self.pg_count(pg).await >= expected).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Rows stored without a verified immudb transaction.
+    pub async fn unverified_rows(&self, pg: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE NOT immudb_verified")
+            .fetch_one(pg)
+            .await
+            .expect("count unverified rows")
+    }
+
     /// Rows in this world's audit_trail.
     pub async fn pg_count(&self, pg: &PgPool) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM audit_trail")
