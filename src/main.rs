@@ -99,6 +99,10 @@ fn parse_rfc3339(text: &str) -> Result<DateTime<FixedOffset>, String> {
         .map_err(|e| format!("{e}: expected RFC 3339, e.g. 2026-11-23T00:00:00Z"))
 }
 
+// See Cargo.toml: glibc malloc cost CPU and fragmented under the batch pipeline's allocations.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let loaded = match Settings::load(&Sources::process(cli.config.as_deref())) {
