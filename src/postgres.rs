@@ -234,79 +234,79 @@ pub async fn insert_batch(
 
 /// Column-major copy of a batch, the shape `UNNEST` wants.
 #[derive(Default)]
-struct Columns {
+struct Columns<'a> {
     event_id: Vec<Uuid>,
     event_timestamp: Vec<chrono::DateTime<chrono::Utc>>,
-    entity_type: Vec<String>,
-    entity_id: Vec<String>,
-    action: Vec<String>,
-    user_id: Vec<String>,
-    user_display_name: Vec<Option<String>>,
-    trace_id: Vec<Option<String>>,
-    session_id: Vec<Option<String>>,
-    correlation_id: Vec<Option<String>>,
-    old_value: Vec<Option<serde_json::Value>>,
-    new_value: Vec<Option<serde_json::Value>>,
-    reason: Vec<Option<String>>,
-    signature_id: Vec<Option<String>>,
+    entity_type: Vec<&'a str>,
+    entity_id: Vec<&'a str>,
+    action: Vec<&'a str>,
+    user_id: Vec<&'a str>,
+    user_display_name: Vec<Option<&'a str>>,
+    trace_id: Vec<Option<&'a str>>,
+    session_id: Vec<Option<&'a str>>,
+    correlation_id: Vec<Option<&'a str>>,
+    old_value: Vec<Option<&'a serde_json::Value>>,
+    new_value: Vec<Option<&'a serde_json::Value>>,
+    reason: Vec<Option<&'a str>>,
+    signature_id: Vec<Option<&'a str>>,
     metadata: Vec<Option<serde_json::Value>>,
-    module: Vec<Option<String>>,
+    module: Vec<Option<&'a str>>,
     risk_level: Vec<Option<&'static str>>,
     // Postgres arrays must be rectangular, so text[] per row travels as a JSON array.
     compliance_flags: Vec<Option<serde_json::Value>>,
-    source_system: Vec<Option<String>>,
-    event_version: Vec<Option<String>>,
+    source_system: Vec<Option<&'a str>>,
+    event_version: Vec<Option<&'a str>>,
     category: Vec<Option<&'static str>>,
-    immudb_key: Vec<String>,
+    immudb_key: Vec<&'a str>,
     immudb_tx: Vec<i64>,
     immudb_verified: Vec<bool>,
-    payload_sha256: Vec<Vec<u8>>,
-    source_topic: Vec<String>,
+    payload_sha256: Vec<&'a [u8]>,
+    source_topic: Vec<&'a str>,
     source_partition: Vec<i32>,
     source_offset: Vec<i64>,
 }
 
-impl Columns {
-    fn from_rows(rows: &[ReplicaRow<'_>]) -> Self {
+impl<'a> Columns<'a> {
+    fn from_rows(rows: &'a [ReplicaRow<'a>]) -> Self {
         let mut c = Columns::default();
         for row in rows {
             let e = row.event;
             c.event_id.push(e.event_id);
             c.event_timestamp.push(e.timestamp_utc());
-            c.entity_type.push(e.entity_type.clone());
-            c.entity_id.push(e.entity_id.clone());
-            c.action.push(e.action.clone());
-            c.user_id.push(e.user_id.clone());
-            c.user_display_name.push(e.user_display_name.clone());
-            c.trace_id.push(e.trace_id.clone());
-            c.session_id.push(e.session_id.clone());
-            c.correlation_id.push(e.correlation_id.clone());
-            c.old_value.push(e.old_value.clone());
-            c.new_value.push(e.new_value.clone());
-            c.reason.push(e.reason.clone());
-            c.signature_id.push(e.signature_id.clone());
+            c.entity_type.push(&e.entity_type);
+            c.entity_id.push(&e.entity_id);
+            c.action.push(&e.action);
+            c.user_id.push(&e.user_id);
+            c.user_display_name.push(e.user_display_name.as_deref());
+            c.trace_id.push(e.trace_id.as_deref());
+            c.session_id.push(e.session_id.as_deref());
+            c.correlation_id.push(e.correlation_id.as_deref());
+            c.old_value.push(e.old_value.as_ref());
+            c.new_value.push(e.new_value.as_ref());
+            c.reason.push(e.reason.as_deref());
+            c.signature_id.push(e.signature_id.as_deref());
             c.metadata.push(
                 e.metadata
                     .as_ref()
                     .and_then(|m| serde_json::to_value(m).ok()),
             );
-            c.module.push(e.module.clone());
+            c.module.push(e.module.as_deref());
             c.risk_level.push(e.risk_level.map(|r| r.as_str()));
             c.compliance_flags.push(
                 e.compliance_flags
                     .as_ref()
                     .map(|flags| serde_json::Value::from(flags.clone())),
             );
-            c.source_system.push(e.source_system.clone());
-            c.event_version.push(e.event_version.clone());
+            c.source_system.push(e.source_system.as_deref());
+            c.event_version.push(e.event_version.as_deref());
             c.category.push(e.category.map(|cat| cat.as_str()));
-            c.immudb_key.push(row.immudb_key.to_owned());
+            c.immudb_key.push(row.immudb_key);
             // immudb transaction ids start at 1 and stay far below i64::MAX.
             c.immudb_tx
                 .push(i64::try_from(row.immudb_tx).unwrap_or(i64::MAX));
             c.immudb_verified.push(row.immudb_verified);
-            c.payload_sha256.push(row.payload_sha256.to_vec());
-            c.source_topic.push(row.topic.to_owned());
+            c.payload_sha256.push(row.payload_sha256);
+            c.source_topic.push(row.topic);
             c.source_partition.push(row.partition);
             c.source_offset.push(row.offset);
         }
