@@ -8,7 +8,7 @@
 //! transaction it has verified.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sqlx::PgPool;
 
@@ -78,6 +78,10 @@ pub struct Trust {
     state: Mutex<TrustedState>,
     store: TrustStore,
     tampered: AtomicBool,
+    /// The transaction of the newest state written to PostgreSQL by this process.
+    persisted_tx: AtomicU64,
+    /// Held by the one writer persisting; the others leave their newer state to it.
+    persisting: tokio::sync::Mutex<()>,
 }
 
 impl Trust {
@@ -86,9 +90,11 @@ impl Trust {
             .trusted_tx_id
             .set(i64::try_from(initial.tx_id).unwrap_or(i64::MAX));
         Self {
+            persisted_tx: AtomicU64::new(initial.tx_id),
             state: Mutex::new(initial),
             store,
             tampered: AtomicBool::new(false),
+            persisting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -100,7 +106,10 @@ impl Trust {
             .clone()
     }
 
-    /// Adopts a newly verified state if it is ahead, and persists it.
+    /// Adopts a newly verified state if it is ahead, and persists it. Writes are coalesced: while
+    /// one writer persists, the others return at once and it then persists the newest state
+    /// too, so the concurrent writers never queue on the row's lock and PostgreSQL sees at most
+    /// one write in flight. Whoever returns leaves the newest state persisted or being persisted.
     pub async fn advance(&self, verified: TrustedState) -> Result<(), PgError> {
         let ahead = {
             let mut state = self
@@ -116,8 +125,23 @@ impl Trust {
             }
             ahead
         };
-        if ahead {
-            self.store.advance(&verified).await?;
+        if !ahead {
+            return Ok(());
+        }
+        // Re-checked after letting go of the lock: a state adopted while its holder was about
+        // to let go would otherwise be left unpersisted.
+        while self.current().tx_id > self.persisted_tx.load(Ordering::SeqCst) {
+            let Ok(_persisting) = self.persisting.try_lock() else {
+                return Ok(());
+            };
+            loop {
+                let newest = self.current();
+                if newest.tx_id <= self.persisted_tx.load(Ordering::SeqCst) {
+                    break;
+                }
+                self.store.advance(&newest).await?;
+                self.persisted_tx.fetch_max(newest.tx_id, Ordering::SeqCst);
+            }
         }
         Ok(())
     }
