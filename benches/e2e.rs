@@ -51,11 +51,13 @@
 //! |---|---|---|
 //! | `E2E_EVENTS` | 1,000,000 | events in the corpus (drain run) |
 //! | `E2E_STEADY_SECS` | 60 | length of the steady run |
-//! | `E2E_BATCH_SIZE` | 1000 | `KAFKA_BATCH_SIZE` of the daemon, and the limits' batch size |
+//! | `E2E_BATCH_SIZE` | 250 (the daemon's default) | `KAFKA_BATCH_SIZE` of the daemon, and the limits' batch size |
 //! | `E2E_STEADY_RATE` | 50 % of the drain throughput | events/s of the steady and recovery runs |
 //! | `E2E_KILL_AFTER_SECS` | 20 | when the recovery run kills the daemon |
 //! | `E2E_LIMIT_EVENTS` | `E2E_EVENTS` | events written by each limit run |
 //! | `E2E_SESSION_TIMEOUT` | the daemon's default (30s) | `KAFKA_SESSION_TIMEOUT` of the daemon |
+//! | `E2E_STATIC_MEMBERSHIP` | `1` | `1`: the daemon runs with `KAFKA_GROUP_INSTANCE_ID` (its restart after the SIGKILL takes its partitions back at once); `0`: dynamic membership (they wait for the session timeout) |
+//! | `E2E_DRAIN_ONLY` | unset | `1`: stop after the drain run (tuning experiments) |
 //! | `E2E_FONT` | DejaVu Sans | TrueType font for the plot's text |
 //! | `E2E_LOG_LEVEL` | `info` | `LOG_LEVEL` of the daemon (its logs stay in `target/e2e/logs-*`) |
 //! | `KAFKA_PROP_*` | none | passed to the daemon as they are (librdkafka tuning experiments) |
@@ -97,6 +99,8 @@ struct Options {
     kill_after_secs: u64,
     limit_events: usize,
     session_timeout: Option<String>,
+    drain_only: bool,
+    static_membership: bool,
 }
 
 fn number(name: &str) -> anyhow::Result<Option<u64>> {
@@ -116,7 +120,7 @@ fn number(name: &str) -> anyhow::Result<Option<u64>> {
 impl Options {
     fn from_env() -> anyhow::Result<Options> {
         let events = number("E2E_EVENTS")?.unwrap_or(1_000_000) as usize;
-        let batch_size = number("E2E_BATCH_SIZE")?.unwrap_or(1000) as usize;
+        let batch_size = number("E2E_BATCH_SIZE")?.unwrap_or(250) as usize;
         if events == 0 || !(1..=1024).contains(&batch_size) {
             bail!("E2E_EVENTS must be positive and E2E_BATCH_SIZE within 1..=1024");
         }
@@ -130,6 +134,8 @@ impl Options {
                 .map_or(events, |n| n as usize)
                 .clamp(1, events),
             session_timeout: std::env::var("E2E_SESSION_TIMEOUT").ok(),
+            drain_only: std::env::var("E2E_DRAIN_ONLY").is_ok_and(|v| v == "1"),
+            static_membership: std::env::var("E2E_STATIC_MEMBERSHIP").map_or(true, |v| v != "0"),
         })
     }
 }
@@ -221,7 +227,10 @@ struct BatchLine {
     at: DateTime<Utc>,
     events: u64,
     duplicates: u64,
+    /// Stage 1 start → stage 2 end, the wait between the stages included.
     elapsed_ms: f64,
+    immudb_ms: f64,
+    postgres_ms: f64,
 }
 
 fn batch_lines(log: &std::path::Path) -> Vec<BatchLine> {
@@ -236,6 +245,8 @@ fn batch_lines(log: &std::path::Path) -> Vec<BatchLine> {
                 events: n("stored") + n("duplicates") + n("dead_letters"),
                 duplicates: n("duplicates"),
                 elapsed_ms: l["elapsed_ms"].as_f64()?,
+                immudb_ms: l["immudb_ms"].as_f64().unwrap_or(0.0),
+                postgres_ms: l["postgres_ms"].as_f64().unwrap_or(0.0),
             })
         })
         .collect()
@@ -262,6 +273,7 @@ fn run() -> anyhow::Result<()> {
                 .session_timeout
                 .clone()
                 .unwrap_or_else(|| "30s (default)".into()),
+            group_instance_id: None,
             daemon_properties: std::env::vars()
                 .filter(|(k, _)| k.starts_with("KAFKA_PROP_"))
                 .map(|(k, v)| format!("{k}={v}"))
@@ -278,7 +290,14 @@ fn run() -> anyhow::Result<()> {
         world.logs.display(),
         report.machine.load_average_start
     );
-    let env = world.daemon_env(opts.batch_size, opts.session_timeout.as_deref());
+    let mut env = world.daemon_env(opts.batch_size, opts.session_timeout.as_deref());
+    if opts.static_membership {
+        env.insert(
+            "KAFKA_GROUP_INSTANCE_ID".into(),
+            format!("{}-daemon-0", world.id),
+        );
+    }
+    report.settings.group_instance_id = env.get("KAFKA_GROUP_INSTANCE_ID").cloned();
     let ticks = clock_ticks();
     let probe = KafkaProbe::new(&world)?;
 
@@ -321,6 +340,7 @@ fn run() -> anyhow::Result<()> {
     );
 
     // 2. Drain.
+    let cpu_before = world::CpuSplit::read(ticks);
     let origin = Instant::now();
     let mut daemon = Daemon::start(&world, "e2e-daemon", &env)?;
     let sampler = Sampler::start(&world, daemon.pid(), Duration::from_secs(1), origin)?;
@@ -359,6 +379,7 @@ fn run() -> anyhow::Result<()> {
         },
     )?;
     let drain_seconds = origin.elapsed().as_secs_f64();
+    let drain_cpu = world::CpuSplit::read(ticks).since(&cpu_before);
     let stats = proc_stats(daemon.pid(), ticks).unwrap_or_default();
     let drain_samples = sampler.stop();
     let drain_batches = batch_lines(&daemon.log);
@@ -369,13 +390,16 @@ fn run() -> anyhow::Result<()> {
         opts.events,
         stats,
     );
+    report.drain.cpu_split = drain_cpu;
     let d = &report.drain;
     println!(
-        "drain: {} ev/s sustained, batches p50/p95/p99 {:.0}/{:.0}/{:.0} ms, peak RSS {:.0} MiB, {:.3} CPU s per 1,000 events",
+        "drain: {} ev/s sustained, batches p50/p95/p99 {:.0}/{:.0}/{:.0} ms (immudb p95 {:.0}, PostgreSQL p95 {:.0}), peak RSS {:.0} MiB, {:.3} CPU s per 1,000 events",
         int(d.sustained_rate),
         d.batch_ms.p50,
         d.batch_ms.p95,
         d.batch_ms.p99,
+        d.immudb_ms.p95,
+        d.postgres_ms.p95,
         d.peak_rss_bytes as f64 / (1024.0 * 1024.0),
         d.cpu_seconds_per_1000
     );
@@ -390,6 +414,13 @@ fn run() -> anyhow::Result<()> {
         ),
         &drain_samples,
     )?;
+
+    if opts.drain_only {
+        std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+        let (status, _) = daemon.terminate(Duration::from_secs(30))?;
+        println!("E2E_DRAIN_ONLY: stopped after the drain (daemon exit {status})");
+        return Ok(());
+    }
 
     // 3. Steady.
     let rate = opts
@@ -645,7 +676,10 @@ fn drain_figures(
         sampled_rate,
         overall_rate: events as f64 / seconds,
         batch_ms: Percentiles::of(batches.iter().map(|b| b.elapsed_ms).collect()),
+        immudb_ms: Percentiles::of(batches.iter().map(|b| b.immudb_ms).collect()),
+        postgres_ms: Percentiles::of(batches.iter().map(|b| b.postgres_ms).collect()),
         mean_batch_events: total_events as f64 / batches.len().max(1) as f64,
+        cpu_split: world::CpuSplit::default(),
         peak_rss_bytes: stats.hwm_bytes,
         max_sampled_rss_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
         cpu_seconds: stats.cpu_seconds,

@@ -97,7 +97,7 @@ pub const SETTINGS: &[SettingSpec] = &[
     s(
         "kafka.batch_size",
         "KAFKA_BATCH_SIZE",
-        Some("1000"),
+        Some("250"),
         "Events per batch (one immudb transaction); 1..=1024, immudb's per-transaction entry limit.",
     ),
     s(
@@ -111,6 +111,12 @@ pub const SETTINGS: &[SettingSpec] = &[
         "KAFKA_SESSION_TIMEOUT",
         Some("30s"),
         "Group session timeout (`session.timeout.ms`).",
+    ),
+    s(
+        "kafka.group_instance_id",
+        "KAFKA_GROUP_INSTANCE_ID",
+        None,
+        "Static membership (`group.instance.id`): a member restarted under the same id gets its partitions back at once, not after the session timeout. Unique and stable per replica; a member stopped for good keeps its partitions until the session timeout.",
     ),
     s(
         "kafka.max_poll_interval",
@@ -348,7 +354,7 @@ pub const SETTINGS: &[SettingSpec] = &[
     s(
         "pipeline.max_in_flight_bytes",
         "PIPELINE_MAX_IN_FLIGHT_BYTES",
-        Some("67108864"),
+        Some("8388608"),
         "Payload bytes received but not yet stored; above it fetching pauses (bounded memory).",
     ),
     s(
@@ -969,6 +975,7 @@ fn kafka_client_properties(l: &Layered) -> Result<BTreeMap<String, String>, Conf
         ("kafka.ssl_key_location", "ssl.key.location"),
         ("kafka.sasl_mechanism", "sasl.mechanisms"),
         ("kafka.sasl_username", "sasl.username"),
+        ("kafka.group_instance_id", "group.instance.id"),
     ] {
         if let Some(value) = optional(l, key) {
             props.insert(property.to_owned(), value);
@@ -1190,7 +1197,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let settings = load_env(&[]).expect("defaults load").settings;
-        assert_eq!(settings.kafka.batch_size, 1000);
+        assert_eq!(settings.kafka.batch_size, 250);
         assert_eq!(settings.kafka.group_id, "gacp-audit-trail-consumer");
         assert_eq!(settings.kafka.topics.len(), 4);
         assert_eq!(settings.retry.max_attempts, 3);
@@ -1226,6 +1233,24 @@ mod tests {
         );
         assert!(
             error_of(&[("KAFKA_DLQ_TOPIC", "audit.system.v1")]).contains("also a consumed topic")
+        );
+    }
+
+    #[test]
+    fn static_membership_is_opt_in() {
+        let dynamic = load_env(&[]).expect("defaults load").settings;
+        assert!(
+            !dynamic
+                .kafka
+                .client_properties
+                .contains_key("group.instance.id")
+        );
+        let fixed = load_env(&[("KAFKA_GROUP_INSTANCE_ID", "audit-consumer-0")])
+            .expect("loads")
+            .settings;
+        assert_eq!(
+            fixed.kafka.client_properties["group.instance.id"],
+            "audit-consumer-0"
         );
     }
 

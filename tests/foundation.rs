@@ -242,7 +242,7 @@ fn every_setting_is_documented_in_the_readme_and_the_default_config() {
     .unwrap_or_else(|e| {
         panic!("config/default.toml uncommented does not load: {e}\n{uncommented}")
     });
-    assert_eq!(loaded.settings.kafka.batch_size, 1000);
+    assert_eq!(loaded.settings.kafka.batch_size, 250);
     assert_eq!(
         loaded.settings.kafka.client_properties["fetch.max.bytes"],
         "16777216"

@@ -474,6 +474,38 @@ async fn survives_repeated_sigkill_without_loss_or_duplicates() {
     assert_stored_exactly_once(&world, &pg, &world.immudb().await, &ids, "plant").await;
 }
 
+/// A static member (`KAFKA_GROUP_INSTANCE_ID`) restarted after a SIGKILL takes its partitions
+/// back at once. A dynamic one waits for the killed member's session to expire (60 s here), so
+/// new events stored well within that prove the hand-back, and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_static_member_restarted_after_sigkill_does_not_wait_for_its_session_timeout() {
+    let world = World::new(&TOPICS[..1], 3).await;
+    let pg = world.pg().await;
+    let mut overrides = BTreeMap::new();
+    overrides.insert("KAFKA_GROUP_INSTANCE_ID", format!("{}-member-0", world.id));
+    overrides.insert("KAFKA_SESSION_TIMEOUT", "60s".to_owned());
+    let before = valid_corpus(&world, 600, 3);
+    world
+        .produce(&before.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    let daemon = world.start_daemon("before", &overrides);
+    wait_rows(&world, &pg, 600, Duration::from_secs(60)).await;
+    wait_fully_committed(&world, Duration::from_secs(60)).await;
+    daemon.kill();
+
+    let after = valid_corpus(&world, 600, 3);
+    world
+        .produce(&after.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
+        .await;
+    let daemon = world.start_daemon("after", &overrides);
+    // Less than the 60 s session timeout, with a wide margin for a loaded machine.
+    wait_rows(&world, &pg, 1200, Duration::from_secs(40)).await;
+    wait_fully_committed(&world, Duration::from_secs(40)).await;
+    assert!(daemon.terminate(Duration::from_secs(30)).await.success());
+    let ids: Vec<Uuid> = before.iter().chain(&after).map(|(id, _)| *id).collect();
+    assert_stored_exactly_once(&world, &pg, &world.immudb().await, &ids, "plant").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_daemons_share_partitions_and_hand_over_without_loss() {
     let world = World::new(&TOPICS[..1], 6).await;

@@ -98,6 +98,8 @@ pub struct Settings {
     pub kill_after_secs: u64,
     pub limit_events: usize,
     pub session_timeout: String,
+    /// Static membership (`KAFKA_GROUP_INSTANCE_ID`) of the daemon, when on.
+    pub group_instance_id: Option<String>,
     /// `KAFKA_PROP_*` passed to the daemon.
     pub daemon_properties: Vec<String>,
 }
@@ -126,7 +128,12 @@ pub struct Drain {
     /// All events over the whole run, start-up included.
     pub overall_rate: f64,
     pub batch_ms: Percentiles,
+    /// The immudb and the PostgreSQL write of each batch (no queueing).
+    pub immudb_ms: Percentiles,
+    pub postgres_ms: Percentiles,
     pub mean_batch_events: f64,
+    /// Where the machine's CPU went from the daemon's start to the last commit.
+    pub cpu_split: crate::world::CpuSplit,
     pub peak_rss_bytes: u64,
     pub max_sampled_rss_bytes: u64,
     pub cpu_seconds: f64,
@@ -226,10 +233,14 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "Settings: {} events, batch size {}, 4 topics × 3 partitions, KAFKA_BATCH_TIMEOUT 1s, session timeout {}, steady {} s, SIGKILL {} s into the recovery phase, limits over {} events{}.\n",
+            "Settings: {} events, batch size {}, 4 topics × 3 partitions, KAFKA_BATCH_TIMEOUT 1s, session timeout {}, {}, steady {} s, SIGKILL {} s into the recovery phase, limits over {} events{}.\n",
             int(s.events as f64),
             s.batch_size,
             s.session_timeout,
+            s.group_instance_id.as_ref().map_or_else(
+                || "dynamic group membership".to_owned(),
+                |id| format!("static group membership (KAFKA_GROUP_INSTANCE_ID={id})")
+            ),
             s.steady_secs,
             s.kill_after_secs,
             int(s.limit_events as f64),
@@ -295,6 +306,30 @@ impl Report {
                     d.batch_ms.count,
                     d.mean_batch_events
                 ),
+            ),
+            (
+                "Drain",
+                "machine CPU, daemon start → last commit: daemon / immudb / PostgreSQL / Kafka / other / idle".into(),
+                {
+                    let c = &d.cpu_split;
+                    let total = c.daemon + c.immudb + c.postgres + c.kafka + c.other + c.idle;
+                    let share = |v: f64| 100.0 * v / total.max(f64::MIN_POSITIVE);
+                    format!(
+                        "{:.0} / {:.0} / {:.0} / {:.0} / {:.0} / {:.0} % of {:.1} CPU s",
+                        share(c.daemon),
+                        share(c.immudb),
+                        share(c.postgres),
+                        share(c.kafka),
+                        share(c.other),
+                        share(c.idle),
+                        total
+                    )
+                },
+            ),
+            (
+                "Drain",
+                "of which immudb write / PostgreSQL write p50 / p95 / p99 (max), ms".into(),
+                format!("{} / {}", pct(&d.immudb_ms), pct(&d.postgres_ms)),
             ),
             (
                 "Drain",

@@ -462,3 +462,83 @@ impl KafkaProbe {
         Ok(self.end_offsets()?.iter().map(|(_, _, high)| high).sum())
     }
 }
+
+/// CPU seconds used so far, by process group: the daemon, immudb, PostgreSQL (every backend),
+/// Kafka (the broker's JVM), everything else; plus the machine's idle seconds (`/proc/stat`).
+/// The difference of two readings says where a phase's CPU went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CpuSplit {
+    pub daemon: f64,
+    pub immudb: f64,
+    pub postgres: f64,
+    pub kafka: f64,
+    pub other: f64,
+    pub idle: f64,
+}
+
+impl CpuSplit {
+    pub fn read(ticks: f64) -> CpuSplit {
+        let mut split = CpuSplit::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return split;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let cpu = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let seconds = (cpu(11) + cpu(12)) / ticks;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let slot = if comm.starts_with("audit-consumer") {
+                &mut split.daemon
+            } else if comm == "immudb" {
+                &mut split.immudb
+            } else if comm == "postgres" {
+                &mut split.postgres
+            } else if comm == "java" && cmdline.windows(5).any(|w| w == b"kafka") {
+                &mut split.kafka
+            } else {
+                &mut split.other
+            };
+            *slot += seconds;
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/stat")
+            && let Some(line) = stat.lines().find(|l| l.starts_with("cpu "))
+        {
+            let fields: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // idle + iowait
+            split.idle = (fields.get(3).unwrap_or(&0.0) + fields.get(4).unwrap_or(&0.0)) / ticks;
+        }
+        split
+    }
+
+    /// `self − earlier`.
+    pub fn since(&self, earlier: &CpuSplit) -> CpuSplit {
+        CpuSplit {
+            daemon: self.daemon - earlier.daemon,
+            immudb: self.immudb - earlier.immudb,
+            postgres: self.postgres - earlier.postgres,
+            kafka: self.kafka - earlier.kafka,
+            other: self.other - earlier.other,
+            idle: self.idle - earlier.idle,
+        }
+    }
+}

@@ -317,8 +317,11 @@ pub fn create(
             settings.max_poll_interval.as_millis().to_string(),
         )
         // Bound what librdkafka prefetches (memory) while keeping batches fed.
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.max.bytes", "16777216")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.max.bytes", "8388608")
+        // A full prefetch queue postpones the partition's next fetch by this much (1 s by
+        // default): after a short stall the queue would run dry long before the fetcher woke.
+        .set("fetch.queue.backoff.ms", "20")
         .set("enable.partition.eof", "false")
         // Per-partition consumer lag for `audit_consumer_lag`.
         .set("statistics.interval.ms", "5000");

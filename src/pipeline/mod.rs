@@ -5,8 +5,10 @@
 //!        ▲                                     │ (decode, batch)           │ immudb → PG → DLQ
 //!        └──────────── commits ◀── committer ◀─┴──── offsets done ◀────────┘
 //! ```
-//! Every channel is bounded: a slow store fills its writer's queue, which stops the dispatcher,
-//! which stops the poll thread, which stops fetching. Memory stays at a few batches per topic.
+//! Every queue is bounded, and so are the payload bytes in flight (`PIPELINE_MAX_IN_FLIGHT_BYTES`):
+//! a slow store fills its topic's writer queue and parking, which stops the dispatcher, which
+//! stops the poll thread, which stops fetching. A topic that is only briefly slower parks a few
+//! batches instead, so the other topics' records behind it keep flowing.
 
 pub mod batcher;
 pub mod consumer;
@@ -15,7 +17,7 @@ pub mod offsets;
 pub mod record;
 pub mod writer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -210,8 +212,9 @@ struct Dispatcher<'a> {
     progress: watch::Receiver<u64>,
     /// Consecutive invalid events per partition, for the flood cap.
     invalid_runs: HashMap<TopicPartition, u64>,
-    /// Full batches waiting for room in their topic's writer queue.
-    parked: HashMap<String, Batch<BatchItem>>,
+    /// Full batches waiting, in order, for room in their topic's writer queue (at most
+    /// `MAX_PARKED_PER_TOPIC` each).
+    parked: HashMap<String, VecDeque<Batch<BatchItem>>>,
     /// Abandons a dispatch waiting on a full writer queue: the shutdown signal while consuming,
     /// the drain deadline while draining. An abandoned batch stays uncommitted.
     interrupt: CancellationToken,
@@ -231,12 +234,9 @@ impl Dispatcher<'_> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(events),
-                (topic, permit) = self.parked_ready() => match (permit, self.parked.remove(&topic)) {
-                    (Some(permit), Some(batch)) => {
-                        permit.send(batch);
-                    }
-                    (None, _) => return Err((events, PipelineError::WriterGone { topic })),
-                    (Some(_), None) => {}
+                (topic, permit) = self.parked_ready() => match permit {
+                    Some(permit) => self.send_parked(&topic, permit),
+                    None => return Err((events, PipelineError::WriterGone { topic })),
                 },
                 () = sleep_until_opt(deadline) => {
                     for batch in self.batcher.take_due(Instant::now()) {
@@ -316,13 +316,21 @@ impl Dispatcher<'_> {
     }
 
     /// Hands a batch to its topic's writer, starting the writer on first use. When that writer's
-    /// queue is full the batch is parked (one per topic) so the other topics keep flowing; a
-    /// second full batch of the same topic waits for the parked one: that wait is the
-    /// backpressure that bounds memory.
+    /// queue is full the batch is parked behind the topic's earlier parked ones, and the
+    /// dispatcher goes on: a topic that is briefly slower must not hold up the records of the
+    /// others queued behind it in librdkafka's single queue (head-of-line blocking). A topic that
+    /// stays behind (a store down) fills its parking and then the dispatcher waits for it: that
+    /// wait stops the poll thread, which pauses fetching while Kafka keeps the backlog.
     async fn dispatch(&mut self, batch: Batch<BatchItem>) -> Result<(), PipelineError> {
         let topic = batch.topic.clone();
-        // Batches of a topic keep their order: a parked one goes first.
-        self.unpark(&topic).await?;
+        if let Some(queue) = self.parked.get_mut(&topic) {
+            // Batches of a topic keep their order: parked ones go first.
+            queue.push_back(batch);
+            if queue.len() > MAX_PARKED_PER_TOPIC {
+                self.send_oldest_parked(&topic).await?;
+            }
+            return Ok(());
+        }
         let writer = self
             .writers
             .entry(topic.clone())
@@ -330,7 +338,7 @@ impl Dispatcher<'_> {
         match writer.try_send(batch) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(batch)) => {
-                self.parked.insert(topic, batch);
+                self.parked.entry(topic).or_default().push_back(batch);
                 Ok(())
             }
             // A writer only ends when its channel closes, so a send error means it panicked.
@@ -339,10 +347,39 @@ impl Dispatcher<'_> {
         }
     }
 
-    /// Sends the topic's parked batch, waiting for room in its writer's queue (or until the
-    /// interrupt: an abandoned batch stays uncommitted and is redelivered).
+    /// Sends the topic's oldest parked batch through a permit of its writer's queue.
+    fn send_parked(&mut self, topic: &str, permit: mpsc::OwnedPermit<Batch<BatchItem>>) {
+        let Some(queue) = self.parked.get_mut(topic) else {
+            return;
+        };
+        if let Some(batch) = queue.pop_front() {
+            permit.send(batch);
+        }
+        if queue.is_empty() {
+            self.parked.remove(topic);
+        }
+    }
+
+    /// Waits for room in the topic's writer queue and sends its oldest parked batch (or gives up
+    /// at the interrupt: the batch stays parked, uncommitted).
+    async fn send_oldest_parked(&mut self, topic: &str) -> Result<(), PipelineError> {
+        let gone = || PipelineError::WriterGone {
+            topic: topic.to_owned(),
+        };
+        let writer = self.writers.get(topic).cloned().ok_or_else(gone)?;
+        tokio::select! {
+            permit = writer.reserve_owned() => {
+                self.send_parked(topic, permit.map_err(|_| gone())?);
+                Ok(())
+            }
+            () = self.interrupt.cancelled() => Ok(()),
+        }
+    }
+
+    /// Sends all of the topic's parked batches in order, waiting for room in its writer's queue
+    /// (or until the interrupt: abandoned batches stay uncommitted and are redelivered).
     async fn unpark(&mut self, topic: &str) -> Result<(), PipelineError> {
-        let Some(batch) = self.parked.remove(topic) else {
+        let Some(queue) = self.parked.remove(topic) else {
             return Ok(());
         };
         let Some(writer) = self.writers.get(topic) else {
@@ -350,10 +387,13 @@ impl Dispatcher<'_> {
                 topic: topic.to_owned(),
             });
         };
-        tokio::select! {
-            sent = writer.send(batch) => sent.map_err(|_| PipelineError::WriterGone { topic: topic.to_owned() }),
-            () = self.interrupt.cancelled() => Ok(()),
+        for batch in queue {
+            tokio::select! {
+                sent = writer.send(batch) => sent.map_err(|_| PipelineError::WriterGone { topic: topic.to_owned() })?,
+                () = self.interrupt.cancelled() => return Ok(()),
+            }
         }
+        Ok(())
     }
 
     /// Resolves when some parked batch's writer has room: returns its topic and the permit.
@@ -449,13 +489,16 @@ impl Dispatcher<'_> {
     }
 }
 
-/// One writer per topic: batches of a topic are stored strictly in order; topics run in
-/// parallel. The queue holds one batch while another is being written.
-/// Full batches queued per topic ahead of its writer. A few absorb the jitter between topics'
-/// store latencies, so one briefly slower topic does not stall the dispatcher for all; each costs
-/// at most a batch of memory (the byte cap still bounds the total).
-const WRITER_QUEUE: usize = 3;
+/// Full batches queued per topic ahead of its writer; more wait parked in the dispatcher.
+const WRITER_QUEUE: usize = 1;
 
+/// Full batches a topic may park before the dispatcher waits for it. Enough to ride out one
+/// slow transaction of a topic while the others flow; a store that is down fills it in seconds
+/// and backpressure takes over.
+const MAX_PARKED_PER_TOPIC: usize = 4;
+
+/// One writer per topic: batches of a topic are stored strictly in order; topics run in
+/// parallel.
 fn spawn_writer(tasks: &TaskTracker, store: Arc<StoreContext>) -> mpsc::Sender<Batch<BatchItem>> {
     let (tx, mut batches) = mpsc::channel::<Batch<BatchItem>>(WRITER_QUEUE);
     // Two stages per topic, each strictly in order: immudb for batch n+1 overlaps PostgreSQL for

@@ -107,6 +107,9 @@ pub struct Staged {
     bytes: usize,
     span: tracing::Span,
     started: std::time::Instant,
+    /// Time spent in the immudb write and the PostgreSQL write (queueing excluded).
+    immudb_time: std::time::Duration,
+    postgres_time: std::time::Duration,
     valid: Vec<ValidEvent>,
     tickets: Vec<OffsetTicket>,
     dead: Vec<(DeadLetter, OffsetTicket)>,
@@ -214,6 +217,8 @@ impl StoreContext {
             bytes,
             span,
             started: std::time::Instant::now(),
+            immudb_time: std::time::Duration::ZERO,
+            postgres_time: std::time::Duration::ZERO,
             valid: Vec::with_capacity(size),
             tickets: Vec::with_capacity(size),
             dead: Vec::new(),
@@ -245,9 +250,10 @@ impl StoreContext {
         }
         let started = std::time::Instant::now();
         self.write_immudb(&staged.valid, &mut staged.fates).await;
+        staged.immudb_time = started.elapsed();
         metrics()
             .immudb_write_duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe(staged.immudb_time.as_secs_f64());
         record_outcome(&self.immudb_breaker, &staged.fates, Stage::Immudb);
     }
 
@@ -285,6 +291,8 @@ impl StoreContext {
                 unconfirmed = report.unconfirmed,
                 immudb_tx = report.immudb_tx,
                 elapsed_ms = staged.started.elapsed().as_millis() as u64,
+                immudb_ms = staged.immudb_time.as_millis() as u64,
+                postgres_ms = staged.postgres_time.as_millis() as u64,
                 "batch done"
             )
         });
@@ -300,9 +308,10 @@ impl StoreContext {
             } else {
                 let started = std::time::Instant::now();
                 self.write_postgres(valid, fates).await;
+                staged.postgres_time = started.elapsed();
                 metrics()
                     .postgres_write_duration
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(staged.postgres_time.as_secs_f64());
                 record_outcome(&self.pg_breaker, fates, Stage::Postgres);
             }
         }
