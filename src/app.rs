@@ -149,6 +149,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         trust,
     };
     let result = pipeline::run(&settings, sinks, &shared, shutdown).await;
+    if let Some(trust) = &shared.trust {
+        // Bounded like the other shutdown steps: a PostgreSQL that is down must not hold the exit.
+        match tokio::time::timeout(Duration::from_secs(2), trust.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot persist the newest trusted immudb state")
+            }
+            Err(_) => tracing::warn!("persisting the newest trusted immudb state timed out"),
+        }
+    }
     stop_background.cancel();
     background.close();
     let flush_dlq = dlq.clone();

@@ -73,6 +73,9 @@ impl TrustStore {
     }
 }
 
+/// Writes of the trusted state one `advance` call may make while it holds the persist lock.
+const MAX_PERSIST_PASSES: usize = 2;
+
 /// The trusted state in memory, shared by the writers and the continuous audit.
 pub struct Trust {
     state: Mutex<TrustedState>,
@@ -109,7 +112,9 @@ impl Trust {
     /// Adopts a newly verified state if it is ahead, and persists it. Writes are coalesced: while
     /// one writer persists, the others return at once and it then persists the newest state
     /// too, so the concurrent writers never queue on the row's lock and PostgreSQL sees at most
-    /// one write in flight. Whoever returns leaves the newest state persisted or being persisted.
+    /// one write in flight. The writer holding the lock makes at most [`MAX_PERSIST_PASSES`]
+    /// writes, so a slow PostgreSQL cannot keep it (and its topic) there while the others keep
+    /// moving; a newer state left over is persisted by the next call or by [`Trust::flush`].
     pub async fn advance(&self, verified: TrustedState) -> Result<(), PgError> {
         let ahead = {
             let mut state = self
@@ -128,21 +133,39 @@ impl Trust {
         if !ahead {
             return Ok(());
         }
+        let mut passes = 0;
         // Re-checked after letting go of the lock: a state adopted while its holder was about
         // to let go would otherwise be left unpersisted.
-        while self.current().tx_id > self.persisted_tx.load(Ordering::SeqCst) {
+        while passes < MAX_PERSIST_PASSES && self.unpersisted() {
             let Ok(_persisting) = self.persisting.try_lock() else {
                 return Ok(());
             };
-            loop {
-                let newest = self.current();
-                if newest.tx_id <= self.persisted_tx.load(Ordering::SeqCst) {
-                    break;
-                }
-                self.store.advance(&newest).await?;
-                self.persisted_tx.fetch_max(newest.tx_id, Ordering::SeqCst);
+            while passes < MAX_PERSIST_PASSES && self.unpersisted() {
+                self.persist_current().await?;
+                passes += 1;
             }
         }
+        Ok(())
+    }
+
+    /// Persists the newest verified state if it is not yet, waiting for a write in progress.
+    /// Called once the writers have stopped, so a clean shutdown leaves the newest anchor.
+    pub async fn flush(&self) -> Result<(), PgError> {
+        let _persisting = self.persisting.lock().await;
+        if self.unpersisted() {
+            self.persist_current().await?;
+        }
+        Ok(())
+    }
+
+    fn unpersisted(&self) -> bool {
+        self.current().tx_id > self.persisted_tx.load(Ordering::SeqCst)
+    }
+
+    async fn persist_current(&self) -> Result<(), PgError> {
+        let newest = self.current();
+        self.store.advance(&newest).await?;
+        self.persisted_tx.fetch_max(newest.tx_id, Ordering::SeqCst);
         Ok(())
     }
 
