@@ -389,8 +389,8 @@ fn run() -> anyhow::Result<()> {
         drain_seconds,
         opts.events,
         stats,
+        drain_cpu,
     );
-    report.drain.cpu_split = drain_cpu;
     let d = &report.drain;
     println!(
         "drain: {} ev/s sustained, batches p50/p95/p99 {:.0}/{:.0}/{:.0} ms (immudb p95 {:.0}, PostgreSQL p95 {:.0}), peak RSS {:.0} MiB, {:.3} CPU s per 1,000 events",
@@ -653,6 +653,7 @@ fn drain_figures(
     seconds: f64,
     events: usize,
     stats: world::ProcStats,
+    cpu_split: world::CpuSplit,
 ) -> report::Drain {
     // First → last batch: the events after the first batch over the time between them.
     let sustained_rate = match (batches.first(), batches.last()) {
@@ -679,7 +680,7 @@ fn drain_figures(
         immudb_ms: Percentiles::of(batches.iter().map(|b| b.immudb_ms).collect()),
         postgres_ms: Percentiles::of(batches.iter().map(|b| b.postgres_ms).collect()),
         mean_batch_events: total_events as f64 / batches.len().max(1) as f64,
-        cpu_split: world::CpuSplit::default(),
+        cpu_split,
         peak_rss_bytes: stats.hwm_bytes,
         max_sampled_rss_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
         cpu_seconds: stats.cpu_seconds,

@@ -103,10 +103,14 @@ impl Trust {
 
     /// The state proofs are checked against now.
     pub fn current(&self) -> TrustedState {
+        self.state().clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, TrustedState> {
+        // Every update is a single assignment: a panic elsewhere cannot leave it half-written.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
     }
 
     /// Adopts a newly verified state if it is ahead, and persists it. Writes are coalesced: while
@@ -117,10 +121,7 @@ impl Trust {
     /// moving; a newer state left over is persisted by the next call or by [`Trust::flush`].
     pub async fn advance(&self, verified: TrustedState) -> Result<(), PgError> {
         let ahead = {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut state = self.state();
             let ahead = verified.tx_id > state.tx_id;
             if ahead {
                 *state = verified.clone();
@@ -159,7 +160,7 @@ impl Trust {
     }
 
     fn unpersisted(&self) -> bool {
-        self.current().tx_id > self.persisted_tx.load(Ordering::SeqCst)
+        self.state().tx_id > self.persisted_tx.load(Ordering::SeqCst)
     }
 
     async fn persist_current(&self) -> Result<(), PgError> {

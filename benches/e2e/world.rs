@@ -383,17 +383,23 @@ pub fn proc_stats(pid: u32, ticks: f64) -> Option<ProcStats> {
             .map_or(0, |kb| kb * 1024)
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start with field 3, `state`;
-    // utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let (_, cpu_seconds) = parse_stat(&stat, ticks)?;
     Some(ProcStats {
         rss_bytes: kb("VmRSS:"),
         hwm_bytes: kb("VmHWM:"),
-        cpu_seconds: (utime + stime) / ticks,
+        cpu_seconds,
     })
+}
+
+/// The command name and CPU seconds (user + system) of a /proc/PID/stat line.
+fn parse_stat(stat: &str, ticks: f64) -> Option<(&str, f64)> {
+    // The command name is in parentheses and may contain spaces; the fields after it start
+    // with field 3, `state`; utime and stime are fields 14 and 15.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((&stat[open + 1..close], (utime + stime) / ticks))
 }
 
 /// Committed offsets of the world's group and the log end offsets, summed over the partitions.
@@ -490,26 +496,21 @@ impl CpuSplit {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            let Some((comm, seconds)) = parse_stat(&stat, ticks) else {
                 continue;
             };
-            let comm = &stat[open + 1..close];
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let cpu = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
+            // Only a JVM's command line says whether it is the broker.
+            let is_kafka = || {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| cmdline.windows(5).any(|w| w == b"kafka"))
             };
-            let seconds = (cpu(11) + cpu(12)) / ticks;
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let slot = if comm.starts_with("audit-consumer") {
                 &mut split.daemon
             } else if comm == "immudb" {
                 &mut split.immudb
             } else if comm == "postgres" {
                 &mut split.postgres
-            } else if comm == "java" && cmdline.windows(5).any(|w| w == b"kafka") {
+            } else if comm == "java" && is_kafka() {
                 &mut split.kafka
             } else {
                 &mut split.other

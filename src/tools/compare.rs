@@ -269,6 +269,11 @@ fn json_text<T: Serialize + ?Sized>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|e| format!("<unprintable: {e}>"))
 }
 
+/// The value for a report column, `-` when there is none.
+pub fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
 /// `text` cut to at most `max` characters, marked with `…` and the full length when cut.
 pub fn truncate(text: &str, max: usize) -> String {
     let count = text.chars().count();

@@ -710,12 +710,8 @@ fn render_human(r: &ReconcileReport) -> String {
     if !r.findings.is_empty() {
         out!(o);
         for f in r.findings.iter().take(MAX_PRINTED_FINDINGS) {
-            let id = f
-                .event_id
-                .map_or_else(|| "-".to_owned(), |id| id.to_string());
-            let tx = f
-                .immudb_tx
-                .map_or_else(|| "-".to_owned(), |tx| tx.to_string());
+            let id = super::compare::or_dash(f.event_id);
+            let tx = super::compare::or_dash(f.immudb_tx);
             out!(
                 o,
                 "  {:<19} {id}  {}  tx {tx}",

@@ -961,9 +961,7 @@ fn render_human(r: &ReplayReport) -> String {
     if !r.problems.is_empty() {
         out!(o);
         for p in r.problems.iter().take(MAX_PRINTED) {
-            let id = p
-                .event_id
-                .map_or_else(|| "-".to_owned(), |id| id.to_string());
+            let id = super::compare::or_dash(p.event_id);
             out!(
                 o,
                 "  {:<14} DLQ {}@{}  from {}  event {id}",
