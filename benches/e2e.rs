@@ -51,7 +51,7 @@
 //! |---|---|---|
 //! | `E2E_EVENTS` | 1,000,000 | events in the corpus (drain run) |
 //! | `E2E_STEADY_SECS` | 60 | length of the steady run |
-//! | `E2E_BATCH_SIZE` | 250 (the daemon's default) | `KAFKA_BATCH_SIZE` of the daemon, and the limits' batch size |
+//! | `E2E_BATCH_SIZE` | the daemon's default (100) | `KAFKA_BATCH_SIZE` of the daemon, and the limits' batch size |
 //! | `E2E_STEADY_RATE` | 50 % of the drain throughput | events/s of the steady and recovery runs |
 //! | `E2E_KILL_AFTER_SECS` | 20 | when the recovery run kills the daemon |
 //! | `E2E_LIMIT_EVENTS` | `E2E_EVENTS` | events written by each limit run |
@@ -61,6 +61,7 @@
 //! | `E2E_FONT` | DejaVu Sans | TrueType font for the plot's text |
 //! | `E2E_LOG_LEVEL` | `info` | `LOG_LEVEL` of the daemon (its logs stay in `target/e2e/logs-*`) |
 //! | `KAFKA_PROP_*` | none | passed to the daemon as they are (librdkafka tuning experiments) |
+//! | `E2E_DAEMON_*` | none | passed to the daemon without the prefix (`E2E_DAEMON_PIPELINE_IMMUDB_CONCURRENCY=3`); the limits keep the daemon's defaults |
 //!
 //! Plus the stack's connection variables (`deploy/local/stack.sh env`, same defaults as the
 //! tests). The machine should be otherwise quiet: every figure is shared with whatever else
@@ -120,7 +121,10 @@ fn number(name: &str) -> anyhow::Result<Option<u64>> {
 impl Options {
     fn from_env() -> anyhow::Result<Options> {
         let events = number("E2E_EVENTS")?.unwrap_or(1_000_000) as usize;
-        let batch_size = number("E2E_BATCH_SIZE")?.unwrap_or(250) as usize;
+        let daemon_batch_size = audit_consumer::config::default_of("kafka.batch_size")
+            .and_then(|v| v.parse().ok())
+            .context("KAFKA_BATCH_SIZE has a numeric default")?;
+        let batch_size = number("E2E_BATCH_SIZE")?.unwrap_or(daemon_batch_size) as usize;
         if events == 0 || !(1..=1024).contains(&batch_size) {
             bail!("E2E_EVENTS must be positive and E2E_BATCH_SIZE within 1..=1024");
         }

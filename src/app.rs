@@ -224,6 +224,7 @@ pub fn immudb_options(settings: &ImmudbSettings) -> anyhow::Result<ImmudbConnect
         connect_timeout: Duration::from_secs(5),
         request_timeout: settings.request_timeout,
         create_database: settings.create_database,
+        sync_frequency: Some(settings.sync_frequency),
     })
 }
 

@@ -97,7 +97,7 @@ pub const SETTINGS: &[SettingSpec] = &[
     s(
         "kafka.batch_size",
         "KAFKA_BATCH_SIZE",
-        Some("250"),
+        Some("100"),
         "Events per batch (one immudb transaction); 1..=1024, immudb's per-transaction entry limit.",
     ),
     s(
@@ -188,6 +188,12 @@ pub const SETTINGS: &[SettingSpec] = &[
         "IMMUDB_CREATE_DATABASE",
         Some("false"),
         "Create the database at start-up when it is missing (needs a user allowed to).",
+    ),
+    s(
+        "immudb.sync_frequency",
+        "IMMUDB_SYNC_FREQUENCY",
+        Some("2ms"),
+        "How long immudb holds a commit to share its fsync, for a database the daemon creates (an existing one keeps its own; a longer one is warned about at start-up). Commits stay durable; immudb's 20ms default only delays each batch.",
     ),
     s(
         "immudb.username",
@@ -356,6 +362,18 @@ pub const SETTINGS: &[SettingSpec] = &[
         "PIPELINE_MAX_IN_FLIGHT_BYTES",
         Some("8388608"),
         "Payload bytes received but not yet stored; above it fetching pauses (bounded memory).",
+    ),
+    s(
+        "pipeline.immudb_concurrency",
+        "PIPELINE_IMMUDB_CONCURRENCY",
+        Some("2"),
+        "immudb transactions in flight at once, over all topics; more than immudb can run in parallel only makes each batch slower.",
+    ),
+    s(
+        "pipeline.postgres_concurrency",
+        "PIPELINE_POSTGRES_CONCURRENCY",
+        Some("2"),
+        "PostgreSQL batch statements in flight at once, over all topics; below `POSTGRES_MAX_CONNECTIONS`.",
     ),
     s(
         "http.stall_timeout",
@@ -658,6 +676,8 @@ pub struct ImmudbSettings {
     pub port: u16,
     pub database: String,
     pub create_database: bool,
+    /// immudb's commit grouping window for a database created here.
+    pub sync_frequency: Duration,
     pub username: String,
     pub password: SecretString,
     pub tls: Option<ImmudbTlsSettings>,
@@ -731,6 +751,17 @@ pub struct CircuitSettings {
     pub cooldown: Duration,
 }
 
+/// How much the pipeline holds and writes at once.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineSettings {
+    /// Payload bytes in flight before fetching pauses.
+    pub max_in_flight_bytes: u64,
+    /// immudb transactions in flight at once, over all topics.
+    pub immudb_concurrency: usize,
+    /// PostgreSQL batch statements in flight at once, over all topics.
+    pub postgres_concurrency: usize,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -754,8 +785,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub audit: AuditSettings,
     pub circuit: CircuitSettings,
-    /// Payload bytes in flight before fetching pauses.
-    pub max_in_flight_bytes: u64,
+    pub pipeline: PipelineSettings,
     pub dlq: DlqSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
@@ -868,6 +898,7 @@ impl Settings {
             port: number(l, "immudb.port", 1, u16::MAX as u64)? as u16,
             database: required(l, "immudb.database")?,
             create_database: boolean(l, "immudb.create_database")?,
+            sync_frequency: duration(l, "immudb.sync_frequency")?,
             username: required(l, "immudb.username")?,
             password: required_secret(l, "immudb.password")?,
             tls: immudb_tls,
@@ -910,6 +941,19 @@ impl Settings {
             ));
         }
 
+        let pipeline = PipelineSettings {
+            max_in_flight_bytes: number(l, "pipeline.max_in_flight_bytes", 1 << 20, 1 << 40)?,
+            immudb_concurrency: number(l, "pipeline.immudb_concurrency", 1, 64)? as usize,
+            postgres_concurrency: number(l, "pipeline.postgres_concurrency", 1, 64)? as usize,
+        };
+        if pipeline.postgres_concurrency >= postgres.max_connections as usize {
+            return Err(ConfigError::Inconsistent(format!(
+                "PIPELINE_POSTGRES_CONCURRENCY ({}) must be below POSTGRES_MAX_CONNECTIONS ({}): \
+                 the trusted-state writes, readiness checks and audits need a connection too",
+                pipeline.postgres_concurrency, postgres.max_connections
+            )));
+        }
+
         let http = HttpSettings {
             bind_address: parse_with(l, "http.bind_address", |v| {
                 v.parse()
@@ -942,7 +986,7 @@ impl Settings {
                 failure_threshold: number(l, "circuit.failure_threshold", 1, 1000)? as u32,
                 cooldown: duration(l, "circuit.cooldown")?,
             },
-            max_in_flight_bytes: number(l, "pipeline.max_in_flight_bytes", 1 << 20, 1 << 40)?,
+            pipeline,
             dlq: DlqSettings {
                 max_consecutive_invalid: number(l, "dlq.max_consecutive_invalid", 0, u64::MAX)?,
             },
@@ -991,6 +1035,14 @@ fn kafka_client_properties(l: &Layered) -> Result<BTreeMap<String, String>, Conf
         props.insert(name.clone(), value.clone());
     }
     Ok(props)
+}
+
+/// A setting's built-in default as written in [`SETTINGS`]; `None` when it has none.
+///
+/// # Panics
+/// When `key` is not a declared setting.
+pub fn default_of(key: &str) -> Option<&'static str> {
+    spec(key).default
 }
 
 fn spec(key: &str) -> &'static SettingSpec {
@@ -1197,7 +1249,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let settings = load_env(&[]).expect("defaults load").settings;
-        assert_eq!(settings.kafka.batch_size, 250);
+        assert_eq!(settings.kafka.batch_size, 100);
         assert_eq!(settings.kafka.group_id, "gacp-audit-trail-consumer");
         assert_eq!(settings.kafka.topics.len(), 4);
         assert_eq!(settings.retry.max_attempts, 3);
@@ -1213,6 +1265,14 @@ mod tests {
         assert_eq!(
             error_of(&[("KAFKA_BATCH_SIZE", "5000")]),
             "KAFKA_BATCH_SIZE (kafka.batch_size): 5000 is above the maximum 1024"
+        );
+        assert_eq!(
+            error_of(&[
+                ("PIPELINE_POSTGRES_CONCURRENCY", "8"),
+                ("POSTGRES_MAX_CONNECTIONS", "8")
+            ]),
+            "PIPELINE_POSTGRES_CONCURRENCY (8) must be below POSTGRES_MAX_CONNECTIONS (8): \
+             the trusted-state writes, readiness checks and audits need a connection too"
         );
         assert!(
             error_of(&[("KAFKA_BATCH_TIMEOUT", "5 seconds")]).starts_with(

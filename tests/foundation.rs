@@ -204,6 +204,20 @@ fn every_setting_is_documented_in_the_readme_and_the_default_config() {
             "{} missing from the README table",
             spec.key
         );
+        let row = if spec.secret {
+            format!("| `{}` | `{}` / `{}_FILE` |", spec.key, spec.env, spec.env)
+        } else {
+            format!(
+                "| `{}` | `{}` | `{}` |",
+                spec.key,
+                spec.env,
+                spec.default.unwrap_or("")
+            )
+        };
+        assert!(
+            readme.contains(&row),
+            "the README table has no row starting {row} (a changed default?)"
+        );
         assert!(
             config.contains(&format!("(env {}", spec.env)),
             "{} missing from config/default.toml",
@@ -242,7 +256,12 @@ fn every_setting_is_documented_in_the_readme_and_the_default_config() {
     .unwrap_or_else(|e| {
         panic!("config/default.toml uncommented does not load: {e}\n{uncommented}")
     });
-    assert_eq!(loaded.settings.kafka.batch_size, 250);
+    assert_eq!(loaded.settings.kafka.batch_size, 100);
+    assert_eq!(loaded.settings.pipeline.immudb_concurrency, 2);
+    assert_eq!(
+        loaded.settings.immudb.sync_frequency,
+        std::time::Duration::from_millis(2)
+    );
     assert_eq!(
         loaded.settings.kafka.client_properties["fetch.max.bytes"],
         "16777216"

@@ -41,6 +41,7 @@ fn options(database: &str, password: SecretString) -> ImmudbConnectOptions {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
         create_database: true,
+        sync_frequency: None,
     }
 }
 
@@ -224,6 +225,39 @@ async fn a_session_closed_behind_the_clients_back_is_reopened_transparently() {
         .expect("the re-opened session exists");
     client.health().await.expect("health re-opens once more");
     client.close().await;
+}
+
+#[tokio::test]
+async fn a_created_database_commits_at_the_requested_sync_frequency_and_an_existing_one_keeps_its_own()
+ {
+    init_tracing();
+    let database = fresh_database();
+    let connect = |wanted: Option<Duration>| {
+        let mut opts = options(&database, password());
+        opts.sync_frequency = wanted;
+        ImmudbClient::connect(opts)
+    };
+    let created = connect(Some(Duration::from_millis(3)))
+        .await
+        .expect("connect");
+    assert_eq!(created.sync_frequency(), Duration::from_millis(3));
+    let again = connect(Some(Duration::from_millis(1)))
+        .await
+        .expect("reconnect");
+    assert_eq!(
+        again.sync_frequency(),
+        Duration::from_millis(3),
+        "an existing database keeps its setting"
+    );
+    let plain = fresh_client().await;
+    assert_eq!(
+        plain.sync_frequency(),
+        Duration::from_millis(20),
+        "without a wish immudb creates the database with its own default"
+    );
+    for client in [created, again, plain] {
+        client.close().await;
+    }
 }
 
 #[tokio::test]

@@ -50,6 +50,7 @@ fn options(database: &str, port: u16, password: &str) -> ImmudbConnectOptions {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(60),
         create_database: true,
+        sync_frequency: None,
     }
 }
 

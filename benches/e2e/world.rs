@@ -219,8 +219,15 @@ impl World {
         if let Some(timeout) = session_timeout {
             env.insert("KAFKA_SESSION_TIMEOUT".into(), timeout.to_owned());
         }
-        // librdkafka properties for tuning experiments (`KAFKA_PROP_FETCH_QUEUE_BACKOFF_MS=…`).
-        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("KAFKA_PROP_")));
+        // Tuning experiments: librdkafka properties as they are (`KAFKA_PROP_FETCH_MAX_BYTES=…`),
+        // any other daemon setting through `E2E_DAEMON_` (`E2E_DAEMON_PIPELINE_IMMUDB_CONCURRENCY=3`).
+        for (key, value) in std::env::vars() {
+            if key.starts_with("KAFKA_PROP_") {
+                env.insert(key, value);
+            } else if let Some(setting) = key.strip_prefix("E2E_DAEMON_") {
+                env.insert(setting.to_owned(), value);
+            }
+        }
         env
     }
 

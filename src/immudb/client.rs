@@ -62,6 +62,7 @@ const IMMUDB_INTERNAL_PREFIX_BYTES: usize = 1;
 const DEFAULT_MAX_TX_ENTRIES: u32 = 1024;
 const DEFAULT_MAX_KEY_LEN: u32 = 1024;
 const DEFAULT_MAX_VALUE_LEN: u32 = 32 << 20;
+const DEFAULT_SYNC_FREQUENCY: Duration = Duration::from_millis(20);
 
 type Grpc = ImmuServiceClient<Channel>;
 
@@ -86,6 +87,11 @@ pub struct ImmudbConnectOptions {
     pub request_timeout: Duration,
     /// Create `database` when it does not exist (needs a sysadmin user).
     pub create_database: bool,
+    /// How long immudb may hold a commit to share its fsync with later ones (its
+    /// `syncFrequency`), for a database this client creates; `None` keeps immudb's 20 ms.
+    /// Commits stay durable either way. An existing database keeps its own value, which is
+    /// logged at connect, with a warning when it is longer than this one.
+    pub sync_frequency: Option<Duration>,
 }
 
 /// TLS towards immudb. Server certificates are checked against the system roots plus
@@ -185,6 +191,7 @@ struct Inner {
     username: String,
     password: SecretString,
     limits: ImmudbLimits,
+    sync_frequency: Duration,
     /// Write-locked while a session is (re)opened, so concurrent callers that all saw the old
     /// session gone wait for the one re-open instead of opening a session each.
     session: RwLock<Session>,
@@ -246,7 +253,7 @@ impl ImmudbClient {
                         opts.database
                     )));
                 }
-                create_database(&grpc, &creds, &opts.database).await?;
+                create_database(&grpc, &creds, &opts.database, opts.sync_frequency).await?;
                 open_session(&grpc, &creds, &opts.database).await?
             }
             Err(status) => return Err(classify_open_session(&status, &opts.password)),
@@ -271,7 +278,29 @@ impl ImmudbClient {
             }
         };
         let limits = ImmudbLimits::from_settings(settings.settings.as_ref());
-        tracing::info!(database = %opts.database, ?limits, "immudb session opened");
+        let sync_frequency = settings
+            .settings
+            .as_ref()
+            .and_then(|s| s.sync_frequency.as_ref())
+            .map_or(DEFAULT_SYNC_FREQUENCY, |ms| {
+                Duration::from_millis(u64::try_from(ms.value).unwrap_or(0))
+            });
+        tracing::info!(database = %opts.database, ?limits, sync_frequency_ms = sync_frequency.as_millis() as u64, "immudb session opened");
+        if let Some(wanted) = opts.sync_frequency
+            && sync_frequency > wanted
+        {
+            // KeyMustNotExist transactions commit one after the other, so immudb never has a
+            // second commit to share the fsync with: the wait is pure latency on every batch.
+            tracing::warn!(
+                database = %opts.database,
+                sync_frequency_ms = sync_frequency.as_millis() as u64,
+                wanted_ms = wanted.as_millis() as u64,
+                "immudb holds every commit this long before its fsync, which slows each batch; \
+                 run `immuadmin database update {} --sync-frequency={}ms`",
+                opts.database,
+                wanted.as_millis()
+            );
+        }
 
         let keepalive = CancellationToken::new();
         let inner = Arc::new(Inner {
@@ -280,6 +309,7 @@ impl ImmudbClient {
             username: opts.username,
             password: opts.password,
             limits,
+            sync_frequency,
             session: RwLock::new(Session {
                 id: session_id,
                 generation: 0,
@@ -293,6 +323,12 @@ impl ImmudbClient {
             inner,
             server_key: None,
         })
+    }
+
+    /// How long the connected database holds a commit before its fsync (immudb's
+    /// `syncFrequency`), as read at connect.
+    pub fn sync_frequency(&self) -> Duration {
+        self.inner.sync_frequency
     }
 
     /// Limits of the connected database, to size batches and reject oversized events before
@@ -935,14 +971,21 @@ async fn create_database(
     grpc: &Grpc,
     creds: &Credentials<'_>,
     database: &str,
+    sync_frequency: Option<Duration>,
 ) -> Result<(), ImmudbError> {
+    let settings = sync_frequency.map(|every| proto::DatabaseNullableSettings {
+        sync_frequency: Some(proto::NullableMilliseconds {
+            value: i64::try_from(every.as_millis()).unwrap_or(i64::MAX),
+        }),
+        ..Default::default()
+    });
     let admin = open_session(grpc, creds, BOOTSTRAP_DATABASE).await?;
     let created = grpc
         .clone()
         .create_database_v2(with_session(
             proto::CreateDatabaseRequest {
                 name: database.to_owned(),
-                settings: None,
+                settings,
                 if_not_exists: true,
             },
             admin.clone(),

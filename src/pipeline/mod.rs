@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -92,7 +92,7 @@ pub async fn run(
         events: events_tx,
         health: shared.health.clone(),
         in_flight: in_flight.clone(),
-        max_in_flight_bytes: settings.max_in_flight_bytes,
+        max_in_flight_bytes: settings.pipeline.max_in_flight_bytes,
     };
     let consumer = consumer::create(kafka, &settings.instance_id, links)?;
     let stop_polling = CancellationToken::new();
@@ -110,6 +110,8 @@ pub async fn run(
         pg: sinks.pg,
         dlq: sinks.dlq,
         retry: RetryPolicy::new(settings.retry),
+        immudb_slots: Semaphore::new(settings.pipeline.immudb_concurrency),
+        postgres_slots: Semaphore::new(settings.pipeline.postgres_concurrency),
         tracker: tracker.clone(),
         progress,
         hard_stop: hard_stop.clone(),

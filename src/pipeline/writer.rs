@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::batcher::Batch;
@@ -145,6 +145,12 @@ pub struct StoreContext {
     pub pg: PgPool,
     pub dlq: DlqProducer,
     pub retry: RetryPolicy,
+    /// immudb transactions in flight over all topics (`PIPELINE_IMMUDB_CONCURRENCY`). Each
+    /// topic writes in order; this caps how many topics write at once, because on a busy
+    /// server more concurrent transactions only make each one slower.
+    pub immudb_slots: Semaphore,
+    /// PostgreSQL batch statements in flight over all topics (`PIPELINE_POSTGRES_CONCURRENCY`).
+    pub postgres_slots: Semaphore,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     /// Bumped after every batch so the committer and revocation waiters look again.
     pub progress: watch::Sender<u64>,
@@ -235,6 +241,10 @@ impl StoreContext {
         }
         staged.fates = mark_in_batch_duplicates(&staged.valid);
         if staged.fates.iter().any(|f| matches!(f, Fate::Pending)) {
+            // Waiting for a transaction slot is queueing behind other topics, not work on this
+            // batch: its clock starts with its immudb write.
+            let _slot = self.immudb_slots.acquire().await;
+            staged.started = std::time::Instant::now();
             let span = staged.span.clone();
             self.immudb_stage(&mut staged).instrument(span).await;
         }
@@ -306,6 +316,7 @@ impl StoreContext {
             if !self.postgres_available().await {
                 abandon(fates);
             } else {
+                let _slot = self.postgres_slots.acquire().await;
                 let started = std::time::Instant::now();
                 self.write_postgres(valid, fates).await;
                 staged.postgres_time = started.elapsed();

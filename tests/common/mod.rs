@@ -262,6 +262,7 @@ impl World {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             create_database: true,
+            sync_frequency: Some(daemon_sync_frequency()),
         })
         .await
         .expect("connect to immudb (run deploy/local/stack.sh up)")
@@ -731,4 +732,11 @@ pub fn stack(world: &World, args: &[&str]) {
         .status()
         .expect("run stack.sh");
     assert!(status.success(), "stack.sh {args:?} failed");
+}
+
+/// The daemon's default `IMMUDB_SYNC_FREQUENCY`, so test databases commit like the daemon's.
+pub fn daemon_sync_frequency() -> Duration {
+    let text = audit_consumer::config::default_of("immudb.sync_frequency")
+        .expect("IMMUDB_SYNC_FREQUENCY has a default");
+    audit_consumer::config::parse_duration(text).expect("the default sync frequency parses")
 }
