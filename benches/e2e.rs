@@ -233,6 +233,8 @@ struct BatchLine {
     duplicates: u64,
     /// Stage 1 start → stage 2 end, the wait between the stages included.
     elapsed_ms: f64,
+    /// Closed → stage 1 start: parked, queued for the topic's writer, waiting for an immudb slot.
+    queued_ms: f64,
     immudb_ms: f64,
     postgres_ms: f64,
 }
@@ -249,6 +251,7 @@ fn batch_lines(log: &std::path::Path) -> Vec<BatchLine> {
                 events: n("stored") + n("duplicates") + n("dead_letters"),
                 duplicates: n("duplicates"),
                 elapsed_ms: l["elapsed_ms"].as_f64()?,
+                queued_ms: l["queued_ms"].as_f64().unwrap_or(0.0),
                 immudb_ms: l["immudb_ms"].as_f64().unwrap_or(0.0),
                 postgres_ms: l["postgres_ms"].as_f64().unwrap_or(0.0),
             })
@@ -681,6 +684,7 @@ fn drain_figures(
         sampled_rate,
         overall_rate: events as f64 / seconds,
         batch_ms: Percentiles::of(batches.iter().map(|b| b.elapsed_ms).collect()),
+        queued_ms: Percentiles::of(batches.iter().map(|b| b.queued_ms).collect()),
         immudb_ms: Percentiles::of(batches.iter().map(|b| b.immudb_ms).collect()),
         postgres_ms: Percentiles::of(batches.iter().map(|b| b.postgres_ms).collect()),
         mean_batch_events: total_events as f64 / batches.len().max(1) as f64,

@@ -193,7 +193,7 @@ pub const SETTINGS: &[SettingSpec] = &[
         "immudb.sync_frequency",
         "IMMUDB_SYNC_FREQUENCY",
         Some("2ms"),
-        "How long immudb holds a commit to share its fsync, for a database the daemon creates (an existing one keeps its own; a longer one is warned about at start-up). Commits stay durable; immudb's 20ms default only delays each batch.",
+        "immudb's `syncFrequency` for a database the daemon creates (an existing one keeps its own; a longer one is warned about at start-up): how long a commit may wait for others to share its fsync, at most 1s. Commits stay durable; immudb's 20ms default delays every batch by 5 ms or more, since the daemon's transactions commit one at a time.",
     ),
     s(
         "immudb.username",
@@ -313,7 +313,7 @@ pub const SETTINGS: &[SettingSpec] = &[
         "postgres.max_connections",
         "POSTGRES_MAX_CONNECTIONS",
         Some("8"),
-        "Connection pool size.",
+        "Connection pool size (at least 2): `PIPELINE_POSTGRES_CONCURRENCY` of them write batches.",
     ),
     s(
         "retry.max_attempts",
@@ -898,7 +898,16 @@ impl Settings {
             port: number(l, "immudb.port", 1, u16::MAX as u64)? as u16,
             database: required(l, "immudb.database")?,
             create_database: boolean(l, "immudb.create_database")?,
-            sync_frequency: duration(l, "immudb.sync_frequency")?,
+            sync_frequency: parse_with(l, "immudb.sync_frequency", |v| {
+                // Longer than a second would time batch writes out rather than group them.
+                parse_duration(v).and_then(|d| {
+                    if d > Duration::from_secs(1) {
+                        Err(format!("{v} is above the maximum 1s"))
+                    } else {
+                        Ok(d)
+                    }
+                })
+            })?,
             username: required(l, "immudb.username")?,
             password: required_secret(l, "immudb.password")?,
             tls: immudb_tls,
@@ -926,7 +935,7 @@ impl Settings {
                 ],
             )?,
             ssl_root_cert: optional(l, "postgres.ssl_root_cert").map(PathBuf::from),
-            max_connections: number(l, "postgres.max_connections", 1, 1000)? as u32,
+            max_connections: number(l, "postgres.max_connections", 2, 1000)? as u32,
         };
 
         let retry = RetrySettings {

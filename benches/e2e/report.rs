@@ -128,6 +128,8 @@ pub struct Drain {
     /// All events over the whole run, start-up included.
     pub overall_rate: f64,
     pub batch_ms: Percentiles,
+    /// Before a batch's first write: parked, queued for its writer, waiting for an immudb slot.
+    pub queued_ms: Percentiles,
     /// The immudb and the PostgreSQL write of each batch (no queueing).
     pub immudb_ms: Percentiles,
     pub postgres_ms: Percentiles,
@@ -299,7 +301,7 @@ impl Report {
             ),
             (
                 "Drain",
-                "batch duration p50 / p95 / p99 (max), ms".into(),
+                "batch duration (first write → offsets done) p50 / p95 / p99 (max), ms".into(),
                 format!(
                     "{} over {} batches of {:.0} events on average",
                     pct(&d.batch_ms),
@@ -330,6 +332,11 @@ impl Report {
                 "Drain",
                 "of which immudb write / PostgreSQL write p50 / p95 / p99 (max), ms".into(),
                 format!("{} / {}", pct(&d.immudb_ms), pct(&d.postgres_ms)),
+            ),
+            (
+                "Drain",
+                "before the batch: closed → first write (parked, queued, waiting for an immudb slot) p50 / p95 / p99 (max), ms".into(),
+                pct(&d.queued_ms),
             ),
             (
                 "Drain",

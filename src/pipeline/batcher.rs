@@ -11,6 +11,8 @@ use tokio::time::Instant;
 pub struct Batch<T> {
     pub topic: String,
     pub items: Vec<T>,
+    /// When it was closed: the time until its first write is queueing.
+    pub closed_at: Instant,
 }
 
 #[derive(Debug)]
@@ -77,6 +79,7 @@ impl<T> Batcher<T> {
         self.open.remove(topic).map(|open| Batch {
             topic: topic.to_owned(),
             items: open.items,
+            closed_at: Instant::now(),
         })
     }
 

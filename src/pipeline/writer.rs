@@ -106,7 +106,12 @@ pub struct Staged {
     size: usize,
     bytes: usize,
     span: tracing::Span,
+    /// When its first write began (after any wait for an immudb slot): the batch duration runs
+    /// from here to its offsets marked done, the wait between the stages included.
     started: std::time::Instant,
+    /// From the batch's closing to its first write: parked, queued for its topic's writer and
+    /// waiting for an immudb slot.
+    queued: std::time::Duration,
     /// Time spent in the immudb write and the PostgreSQL write (queueing excluded).
     immudb_time: std::time::Duration,
     postgres_time: std::time::Duration,
@@ -197,6 +202,7 @@ impl StoreContext {
     /// The pipeline runs it for batch n+1 while stage 2 replicates batch n to PostgreSQL.
     pub async fn write_immudb_stage(&self, batch: Batch<BatchItem>) -> Staged {
         let topic = batch.topic;
+        let closed_at = batch.closed_at;
         let size = batch.items.len();
         let bytes: usize = batch.items.iter().map(BatchItem::payload_len).sum();
         let (first_offset, last_offset) = offset_range(&batch.items);
@@ -223,6 +229,7 @@ impl StoreContext {
             bytes,
             span,
             started: std::time::Instant::now(),
+            queued: std::time::Duration::ZERO,
             immudb_time: std::time::Duration::ZERO,
             postgres_time: std::time::Duration::ZERO,
             valid: Vec::with_capacity(size),
@@ -241,10 +248,12 @@ impl StoreContext {
         }
         staged.fates = mark_in_batch_duplicates(&staged.valid);
         if staged.fates.iter().any(|f| matches!(f, Fate::Pending)) {
-            // Waiting for a transaction slot is queueing behind other topics, not work on this
-            // batch: its clock starts with its immudb write.
+            // The batch's clock starts with its first write. The time it spent parked, queued
+            // for its topic's writer and waiting for an immudb slot is reported apart, as
+            // `queued_ms`: it depends on the other topics' load, not on this batch.
             let _slot = self.immudb_slots.acquire().await;
             staged.started = std::time::Instant::now();
+            staged.queued = closed_at.elapsed();
             let span = staged.span.clone();
             self.immudb_stage(&mut staged).instrument(span).await;
         }
@@ -301,6 +310,7 @@ impl StoreContext {
                 unconfirmed = report.unconfirmed,
                 immudb_tx = report.immudb_tx,
                 elapsed_ms = staged.started.elapsed().as_millis() as u64,
+                queued_ms = staged.queued.as_millis() as u64,
                 immudb_ms = staged.immudb_time.as_millis() as u64,
                 postgres_ms = staged.postgres_time.as_millis() as u64,
                 "batch done"
