@@ -96,7 +96,7 @@ impl Metrics {
             event_processing_duration: HistogramVec::new(
                 HistogramOpts::new(
                     EVENT_PROCESSING_DURATION,
-                    "Time to store one batch in both stores and the DLQ.",
+                    "Time to store one batch in both stores and the DLQ, from its first write to its offsets marked done.",
                 )
                 .buckets(DURATION_BUCKETS.to_vec()),
                 &["topic"],
