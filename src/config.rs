@@ -1054,6 +1054,15 @@ pub fn default_of(key: &str) -> Option<&'static str> {
     spec(key).default
 }
 
+/// A duration setting's built-in default, parsed.
+///
+/// # Panics
+/// When `key` is not a declared setting, has no default, or its default is not a duration.
+pub fn default_duration(key: &str) -> Duration {
+    let text = default_of(key).unwrap_or_else(|| panic!("setting {key} has no default"));
+    parse_duration(text).unwrap_or_else(|e| panic!("the default of {key}: {e}"))
+}
+
 fn spec(key: &str) -> &'static SettingSpec {
     SETTINGS
         .iter()

@@ -91,9 +91,7 @@ async fn wait_rows(world: &World, pg: &PgPool, expected: i64, timeout: Duration)
 async fn stores_every_event_once_in_both_stores_and_commits_to_the_end() {
     let world = World::new(&TOPICS, 3).await;
     let corpus = valid_corpus(&world, 5000, 3);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let daemon = world.start_daemon("a", &BTreeMap::new());
 
     let pg = world.pg().await;
@@ -132,9 +130,7 @@ async fn stores_every_event_once_in_both_stores_and_commits_to_the_end() {
 async fn replaying_from_the_beginning_adds_no_revision_and_no_row() {
     let world = World::new(&TOPICS[..2], 2).await;
     let corpus = valid_corpus(&world, 1200, 2);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let pg = world.pg().await;
 
     let first = world.start_daemon("first", &BTreeMap::new());
@@ -383,9 +379,7 @@ async fn sigterm_drains_commits_and_a_restart_reprocesses_nothing() {
     for round in 0..15 {
         pace.tick().await;
         let corpus = valid_corpus(&world, 200, 2);
-        world
-            .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-            .await;
+        world.produce_corpus(&corpus).await;
         produced.extend(corpus.into_iter().map(|(id, _)| id));
         if round == 10 {
             wait_rows(&world, &pg, 1, Duration::from_secs(60)).await;
@@ -447,9 +441,7 @@ async fn sigterm_drains_commits_and_a_restart_reprocesses_nothing() {
 async fn survives_repeated_sigkill_without_loss_or_duplicates() {
     let world = World::new(&TOPICS, 3).await;
     let corpus = valid_corpus(&world, 20_000, 3);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let pg = world.pg().await;
     let mut overrides = BTreeMap::new();
     // Small batches so that kills land between immudb and PostgreSQL writes and mid-commit.
@@ -485,18 +477,14 @@ async fn a_static_member_restarted_after_sigkill_does_not_wait_for_its_session_t
     overrides.insert("KAFKA_GROUP_INSTANCE_ID", format!("{}-member-0", world.id));
     overrides.insert("KAFKA_SESSION_TIMEOUT", "60s".to_owned());
     let before = valid_corpus(&world, 600, 3);
-    world
-        .produce(&before.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&before).await;
     let daemon = world.start_daemon("before", &overrides);
     wait_rows(&world, &pg, 600, Duration::from_secs(60)).await;
     wait_fully_committed(&world, Duration::from_secs(60)).await;
     daemon.kill();
 
     let after = valid_corpus(&world, 600, 3);
-    world
-        .produce(&after.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&after).await;
     let daemon = world.start_daemon("after", &overrides);
     // Less than the 60 s session timeout, with a wide margin for a loaded machine.
     wait_rows(&world, &pg, 1200, Duration::from_secs(40)).await;
@@ -554,9 +542,7 @@ async fn two_daemons_share_partitions_and_hand_over_without_loss() {
 
     let mut produced = Vec::new();
     let mut first = valid_corpus(&world, 3000, 6);
-    world
-        .produce(&first.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&first).await;
     produced.extend(first.drain(..).map(|(id, _)| id));
     wait_rows(&world, &pg, 3000, Duration::from_secs(90)).await;
     assert!(
@@ -570,12 +556,11 @@ async fn two_daemons_share_partitions_and_hand_over_without_loss() {
 
     // Stop one mid-stream: its partitions move to the other with no loss and no duplicates.
     let second = valid_corpus(&world, 3000, 6);
-    let records: Vec<TestRecord> = second.iter().map(|(_, r)| r.clone()).collect();
     produced.extend(second.iter().map(|(id, _)| *id));
-    let (half, rest) = records.split_at(1500);
-    world.produce(half).await;
+    let (half, rest) = second.split_at(1500);
+    world.produce_corpus(half).await;
     assert!(a.terminate(Duration::from_secs(30)).await.success());
-    world.produce(rest).await;
+    world.produce_corpus(rest).await;
     wait_rows(&world, &pg, 6000, Duration::from_secs(90)).await;
     wait_fully_committed(&world, Duration::from_secs(60)).await;
     assert!(b.terminate(Duration::from_secs(30)).await.success());
@@ -594,9 +579,7 @@ async fn rows_a_store_rejects_are_isolated_and_dead_lettered_while_the_rest_flow
         .await
         .expect("add constraint");
     let corpus = valid_corpus(&world, 970, 2);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     // valid_corpus uses entity_id "plant-{n % 97}": those starting with 4 are rejected.
     let rejected: HashSet<Uuid> = corpus
         .iter()

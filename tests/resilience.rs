@@ -80,9 +80,7 @@ fn steady_stream(
         while !stop.is_cancelled() {
             pace.tick().await;
             let corpus = valid_corpus(&world, per_tick, 3);
-            world
-                .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-                .await;
+            world.produce_corpus(&corpus).await;
             produced.extend(corpus.into_iter().map(|(id, _)| id));
         }
         produced
@@ -336,9 +334,7 @@ async fn three_members_one_killed_one_added_store_200k_events_exactly_once() {
     let world = World::new(&["plant-lifecycle.v1"], 12).await;
     let pg = world.pg().await;
     let corpus = valid_corpus(&world, 200_000, 12);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let ids: Vec<Uuid> = corpus.into_iter().map(|(id, _)| id).collect();
     let started = Instant::now();
     let a = world.start_daemon("a", &BTreeMap::new());
@@ -382,9 +378,7 @@ async fn a_store_refusing_for_privileges_holds_batches_instead_of_draining_into_
         .await
         .expect("revoke");
     let corpus = valid_corpus(&world, 300, 1);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let daemon = world.start_daemon("a", &fast_failure());
     let addr = daemon.http_addr().await;
     wait_until(
@@ -466,9 +460,7 @@ async fn a_rolled_back_immudb_is_refused_by_the_daemon_and_its_audit() {
     let overrides = BTreeMap::from([("AUDIT_INTERVAL", "1s".to_owned())]);
 
     let first = valid_corpus(&world, 300, 1);
-    world
-        .produce(&first.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&first).await;
     let daemon = world.start_daemon("a", &overrides);
     wait_until("the first 300 rows", Duration::from_secs(60), || async {
         (world.pg_count(&pg).await >= 300).then_some(())
@@ -483,9 +475,7 @@ async fn a_rolled_back_immudb_is_refused_by_the_daemon_and_its_audit() {
     }
     // The daemon keeps writing to tx M > N and trusts M.
     let second = valid_corpus(&world, 300, 1);
-    world
-        .produce(&second.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&second).await;
     wait_until("600 rows", Duration::from_secs(120), || async {
         (world.pg_count(&pg).await >= 600).then_some(())
     })
@@ -508,9 +498,7 @@ async fn a_rolled_back_immudb_is_refused_by_the_daemon_and_its_audit() {
     // new events are not stored on top of the rolled-back history.
     let addr = daemon.http_addr().await;
     let third = valid_corpus(&world, 50, 1);
-    world
-        .produce(&third.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&third).await;
     wait_until(
         "/ready to report the failed verification",
         Duration::from_secs(60),

@@ -75,9 +75,7 @@ async fn wait_fully_committed(world: &World) {
 async fn filled_world(events: usize) -> (World, PgPool, Vec<Uuid>) {
     let world = World::new(&["plant-lifecycle.v1"], 1).await;
     let corpus = valid_corpus(&world, events, 1);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let daemon = world.start_daemon("a", &BTreeMap::new());
     let pg = world.pg().await;
     wait_rows(&world, &pg, events as i64).await;
@@ -461,9 +459,7 @@ async fn ten_thousand_verified_events_and_verify_passes_on_a_hundred_random_rows
     let world = World::new(&["plant-lifecycle.v1", "financial.v1"], 2).await;
     let pg = world.pg().await;
     let corpus = valid_corpus(&world, 10_000, 2);
-    world
-        .produce(&corpus.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-        .await;
+    world.produce_corpus(&corpus).await;
     let daemon = world.start_daemon("a", &BTreeMap::new());
     wait_rows(&world, &pg, 10_000).await;
     wait_fully_committed(&world).await;

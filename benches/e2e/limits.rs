@@ -175,7 +175,9 @@ async fn immudb_client(world: &World, database: &str) -> anyhow::Result<ImmudbCl
         request_timeout: Duration::from_secs(60),
         create_database: true,
         // The daemon's setting: the limit is measured with the server settings it runs with.
-        sync_frequency: Some(daemon_sync_frequency()),
+        sync_frequency: Some(audit_consumer::config::default_duration(
+            "immudb.sync_frequency",
+        )),
     })
     .await
     .with_context(|| format!("connecting to immudb database {database}"))
@@ -335,11 +337,4 @@ pub fn kafka_consume(
         bytes as f64 / (1024.0 * 1024.0) / secs(elapsed),
         count,
     ))
-}
-
-/// The daemon's default `IMMUDB_SYNC_FREQUENCY` (the bench leaves the daemon at its default).
-fn daemon_sync_frequency() -> Duration {
-    let text = audit_consumer::config::default_of("immudb.sync_frequency")
-        .expect("IMMUDB_SYNC_FREQUENCY has a default");
-    audit_consumer::config::parse_duration(text).expect("the default sync frequency parses")
 }

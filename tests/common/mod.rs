@@ -262,7 +262,10 @@ impl World {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             create_database: true,
-            sync_frequency: Some(daemon_sync_frequency()),
+            // The daemon's default, so test databases commit like the daemon's.
+            sync_frequency: Some(audit_consumer::config::default_duration(
+                "immudb.sync_frequency",
+            )),
         })
         .await
         .expect("connect to immudb (run deploy/local/stack.sh up)")
@@ -277,6 +280,12 @@ impl World {
             .set("linger.ms", "5")
             .create()
             .expect("producer")
+    }
+
+    /// Produces the records of a corpus from [`valid_corpus`] (or built like it), in order.
+    pub async fn produce_corpus(&self, corpus: &[(uuid::Uuid, TestRecord)]) {
+        let records: Vec<TestRecord> = corpus.iter().map(|(_, r)| r.clone()).collect();
+        self.produce(&records).await;
     }
 
     /// Produces records and waits for every acknowledgement.
@@ -732,11 +741,4 @@ pub fn stack(world: &World, args: &[&str]) {
         .status()
         .expect("run stack.sh");
     assert!(status.success(), "stack.sh {args:?} failed");
-}
-
-/// The daemon's default `IMMUDB_SYNC_FREQUENCY`, so test databases commit like the daemon's.
-pub fn daemon_sync_frequency() -> Duration {
-    let text = audit_consumer::config::default_of("immudb.sync_frequency")
-        .expect("IMMUDB_SYNC_FREQUENCY has a default");
-    audit_consumer::config::parse_duration(text).expect("the default sync frequency parses")
 }
