@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 events=${DEMO_EVENTS:-10000}
 
+bash scripts/prerequisites.sh # protoc, cc, libssl-dev, psql, ... before the first build
 bash deploy/local/stack.sh up
 eval "$(bash deploy/local/stack.sh env)"
 

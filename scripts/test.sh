@@ -7,21 +7,7 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 log() { printf '[test] %s\n' "$*"; }
 
-# Build prerequisites of rdkafka (bundled librdkafka), tonic (protoc) and sqlx.
-need=()
-command -v protoc >/dev/null || need+=(protobuf-compiler)
-command -v cc >/dev/null || need+=(build-essential)
-command -v pkg-config >/dev/null || need+=(pkg-config)
-command -v psql >/dev/null || need+=(postgresql-client)
-dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  [[ $EUID -eq 0 ]] || { echo "run as root or install: apt-get install -y ${need[*]}" >&2; exit 1; }
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
-command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
-rustup component add rustfmt clippy >/dev/null 2>&1 || true
+bash scripts/prerequisites.sh
 
 if bash deploy/local/stack.sh status >/dev/null 2>&1; then
   log "using the running local stack"
