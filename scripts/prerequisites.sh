@@ -7,13 +7,19 @@
 #
 #   Debian packages  protobuf-compiler (tonic's protoc), build-essential (cc/make for the bundled
 #                    librdkafka, zstd and ring), pkg-config + libssl-dev (rdkafka's OpenSSL),
-#                    postgresql-client (psql, used by the demo and the local stack)
+#                    postgresql-client (psql, used by the demo and the local stack), git (the
+#                    advisory database snapshot of the cargo deny step)
 #   Rust components  rustfmt, clippy
+#   cargo-deny       pinned, built once into ~/.cache/audit-consumer/bin (CI caches that directory)
 set -euo pipefail
 log() { printf '[prerequisites] %s\n' "$*"; }
 die() { printf '[prerequisites] error: %s\n' "$*" >&2; exit 1; }
 quiet() { "$@" >/dev/null 2>&1; }
 started=$(date +%s%N)
+
+# Kept in step with scripts/test.sh, which puts $cache/bin first on PATH for `cargo deny`.
+cache=$HOME/.cache/audit-consumer
+cargo_deny_version=0.20.2
 
 # A C compiler that finds libc's headers and links a program: what the -sys build scripts need.
 cc_works() {
@@ -33,6 +39,7 @@ missing_packages() {
   # openssl-sys finds OpenSSL through pkg-config; the .pc file comes with libssl-dev.
   quiet pkg-config --exists openssl || need+=(libssl-dev)
   quiet psql --version || need+=(postgresql-client)
+  quiet git --version || need+=(git)
   echo "${need[*]}"
 }
 
@@ -58,6 +65,24 @@ if ! quiet cargo fmt --version || ! quiet cargo clippy --version; then
   rustup component add rustfmt clippy
   { quiet cargo fmt --version && quiet cargo clippy --version; } \
     || die "cargo fmt / cargo clippy still do not run after rustup component add"
+fi
+
+# cargo-deny: built from source, pinned, outside the clone so every later run (and CI with the
+# cache restored) reuses the binary. It has no optional features left to trim (0.19.1 replaced
+# gix with the git CLI), so the build is made cheaper through its profile instead: the crate
+# ships lto = "fat" and codegen-units = 1, the slowest way to compile it, for a checker that
+# runs for a second. The environment overrides the manifest's profile.
+deny=$cache/bin/cargo-deny
+if [[ $("$deny" --version 2>/dev/null) != "cargo-deny $cargo_deny_version" ]]; then
+  log "installing cargo-deny $cargo_deny_version into $cache/bin (compiles once; a few minutes on 2 cores)"
+  t0=$(date +%s)
+  # CARGO_TARGET_DIR may point at this project's build cache (.ci/run): keep the tool out of it.
+  env -u CARGO_TARGET_DIR \
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    cargo install --locked --force --root "$cache" cargo-deny --version "$cargo_deny_version"
+  [[ $("$deny" --version 2>/dev/null) == "cargo-deny $cargo_deny_version" ]] \
+    || die "cargo-deny $cargo_deny_version was installed but $deny --version does not say so"
+  log "cargo-deny $cargo_deny_version installed in $(($(date +%s) - t0))s"
 fi
 
 log "all present ($((($(date +%s%N) - started) / 1000000)) ms)"
