@@ -1,5 +1,5 @@
 # The two commands of the README. Everything else is in scripts/ and deploy/local/.
-.PHONY: demo test stack-up stack-down
+.PHONY: demo test deny stack-up stack-down
 
 ## Run the main job end to end on a local stack and show the result.
 demo:
@@ -8,6 +8,10 @@ demo:
 ## Install what is missing, start the stack, run every test and lint, stop the stack.
 test:
 	bash scripts/test.sh
+
+## Only the supply-chain step of `make test`: cargo deny, offline (see deny.toml).
+deny:
+	bash scripts/test.sh --supply-chain
 
 stack-up:
 	bash deploy/local/stack.sh up
