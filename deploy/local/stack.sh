@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Local Kafka + immudb + PostgreSQL on 127.0.0.1, no Docker, for development and the
-# integration tests. Everything is fetched through package registries only:
+# Local Kafka + immudb + PostgreSQL (+ Keycloak on request) on 127.0.0.1, no Docker, for
+# development and the integration tests. Everything is fetched through package registries only:
 #   Kafka      jars from Maven Central    (deploy/local/kafka/pom.xml)
 #   immudb     built from the Go proxy    (deploy/local/immudb/go.mod)
 #   PostgreSQL Debian packages, a private cluster run as the `postgres` OS user
+#   Keycloak   server distribution from Maven Central (deploy/local/keycloak/pom.xml);
+#              optional: OpenID Connect provider for the read API and the console
 #
-# Usage: stack.sh up|down|status|env
-#        stack.sh start|stop|restart|kill|logs kafka|immudb|postgres
+# Usage: stack.sh up [--with keycloak]|down|status|env
+#        stack.sh ensure SERVICE...          install if needed, start if not running, wait
+#        stack.sh start|stop|restart|kill|logs kafka|immudb|postgres|keycloak
 #        stack.sh kafka-topics [TopicCommand args...]   e.g. kafka-topics --list
 #        stack.sh immuclient [args...]                  e.g. immuclient safeget some-key
 #
 #   eval "$(deploy/local/stack.sh env)"   # the variables the daemon and the tests read
 #
+# Keycloak is heavy (~400-500 MB RSS, ~20 s to a first start), so `up` starts only the three
+# core servers unless asked (`up --with keycloak` or AUDIT_STACK_WITH=keycloak); tests that
+# need it run `stack.sh ensure keycloak`, which is idempotent and safe to run concurrently.
+#
 # Knobs (environment): AUDIT_KAFKA_PORT (19092), AUDIT_KAFKA_CONTROLLER_PORT (19093),
-# AUDIT_IMMUDB_PORT (13322), AUDIT_POSTGRES_PORT (15432), AUDIT_STACK_DIR
+# AUDIT_IMMUDB_PORT (13322), AUDIT_POSTGRES_PORT (15432), AUDIT_KEYCLOAK_PORT (18080),
+# AUDIT_STACK_WITH (optional servers `up` starts too: keycloak), AUDIT_STACK_DIR
 # (/tmp/audit-consumer-stack: data, logs, pid files; `down` deletes it), AUDIT_CACHE_DIR
 # (~/.cache/audit-consumer: jars and binaries, kept), AUDIT_STACK_TIMEOUT (90 s per server
-# to answer), AUDIT_STACK_STOP_GRACE (10 s between the polite signal and SIGKILL).
+# to answer), AUDIT_KEYCLOAK_TIMEOUT (180 s for Keycloak), AUDIT_STACK_STOP_GRACE (10 s
+# between the polite signal and SIGKILL).
 #
-# `status` exits 0 when all three servers run, 3 otherwise.
+# `status` exits 0 when the three core servers run, 3 otherwise (Keycloak is listed but
+# does not count).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
@@ -29,7 +39,9 @@ KAFKA_PORT=${AUDIT_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${AUDIT_KAFKA_CONTROLLER_PORT:-19093}
 IMMUDB_PORT=${AUDIT_IMMUDB_PORT:-13322}
 POSTGRES_PORT=${AUDIT_POSTGRES_PORT:-15432}
+KEYCLOAK_PORT=${AUDIT_KEYCLOAK_PORT:-18080}
 READY_TIMEOUT=${AUDIT_STACK_TIMEOUT:-90}
+KEYCLOAK_READY_TIMEOUT=${AUDIT_KEYCLOAK_TIMEOUT:-180}
 STOP_GRACE=${AUDIT_STACK_STOP_GRACE:-10}
 
 STACK_DIR=${AUDIT_STACK_DIR:-/tmp/audit-consumer-stack}
@@ -46,20 +58,40 @@ IMMUDB_DATABASE=defaultdb
 POSTGRES_USERNAME=postgres
 POSTGRES_PASSWORD=postgres
 POSTGRES_DATABASE=audit
+# Keycloak: the realm, its clients and demo users are in keycloak/realm-audit.json; the demo
+# password below is the one every demo user has there (checked after each fresh start).
+KEYCLOAK_REALM=audit
+KEYCLOAK_URL="http://$HOST:$KEYCLOAK_PORT"
+# --hostname pins every URL Keycloak issues, so `iss` is this whether a client says
+# 127.0.0.1 or localhost.
+KEYCLOAK_ISSUER="$KEYCLOAK_URL/realms/$KEYCLOAK_REALM"
+KEYCLOAK_ADMIN_USERNAME="admin"
+KEYCLOAK_ADMIN_PASSWORD=keycloak-local-admin
+KEYCLOAK_DEMO_PASSWORD=audit-demo
 
 # Single sources of truth for the pinned versions: the pom and the go.mod next to this script.
 KAFKA_VERSION=$(sed -n 's:.*<kafka\.version>\(.*\)</kafka\.version>.*:\1:p' "$SCRIPT_DIR/kafka/pom.xml")
+KEYCLOAK_VERSION=$(sed -n 's:.*<keycloak\.version>\(.*\)</keycloak\.version>.*:\1:p' "$SCRIPT_DIR/keycloak/pom.xml")
 IMMUDB_VERSION=$(awk '$1 == "require" && $2 == "github.com/codenotary/immudb" { print $3 }' "$SCRIPT_DIR/immudb/go.mod")
 KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
 IMMUDB_BIN_DIR="$CACHE_DIR/immudb-$IMMUDB_VERSION"
+# The unpacked distribution, pre-built (Quarkus re-augmentation) for the options below.
+KEYCLOAK_DIST="$CACHE_DIR/keycloak-$KEYCLOAK_VERSION/dist"
 
 KAFKA_DIR="$STACK_DIR/kafka"
 IMMUDB_DIR="$STACK_DIR/immudb"
 PG_DIR="$STACK_DIR/postgres"
 PG_DATA="$PG_DIR/data"
 PG_SOCKET_DIR="$PG_DIR/run"
+KEYCLOAK_DIR="$STACK_DIR/keycloak"
+# Keycloak's home (kc.home.dir) for this stack: data/ (H2 database, import folder,
+# transaction log) lives here; lib/ is a symlink into the cached distribution.
+KEYCLOAK_HOME="$KEYCLOAK_DIR/home"
 
+# The core servers: `up` starts them, `status` counts them.
 SERVICES=(kafka immudb postgres)
+# Started only on request (`up --with`, AUDIT_STACK_WITH, `ensure`, `start`).
+OPTIONAL_SERVICES=(keycloak)
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -118,8 +150,8 @@ wait_gone() { # pid seconds
 
 need_service() {
     case ${1:-} in
-        kafka | immudb | postgres) ;;
-        *) die "expected a service name (kafka|immudb|postgres), got '${1:-}'" ;;
+        kafka | immudb | postgres | keycloak) ;;
+        *) die "expected a service name (kafka|immudb|postgres|keycloak), got '${1:-}'" ;;
     esac
 }
 
@@ -128,6 +160,7 @@ log_file() {
         kafka) echo "$KAFKA_DIR/kafka.log" ;;
         immudb) echo "$IMMUDB_DIR/immudb.log" ;;
         postgres) echo "$PG_DIR/postgres.log" ;;
+        keycloak) echo "$KEYCLOAK_DIR/keycloak.log" ;;
     esac
 }
 
@@ -136,6 +169,7 @@ address_of() {
         kafka) echo "$HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT)" ;;
         immudb) echo "$HOST:$IMMUDB_PORT" ;;
         postgres) echo "$HOST:$POSTGRES_PORT" ;;
+        keycloak) echo "$KEYCLOAK_URL (realm $KEYCLOAK_REALM)" ;;
     esac
 }
 
@@ -144,6 +178,14 @@ port_of() {
         kafka) echo "$KAFKA_PORT" ;;
         immudb) echo "$IMMUDB_PORT" ;;
         postgres) echo "$POSTGRES_PORT" ;;
+        keycloak) echo "$KEYCLOAK_PORT" ;;
+    esac
+}
+
+ready_timeout_of() {
+    case $1 in
+        keycloak) echo "$KEYCLOAK_READY_TIMEOUT" ;;
+        *) echo "$READY_TIMEOUT" ;;
     esac
 }
 
@@ -164,6 +206,7 @@ pid_file() {
         kafka) echo "$KAFKA_DIR/kafka.pid" ;;
         immudb) echo "$IMMUDB_DIR/immudb.pid" ;;
         postgres) echo "$PG_DATA/postmaster.pid" ;;
+        keycloak) echo "$KEYCLOAK_DIR/keycloak.pid" ;;
     esac
 }
 
@@ -177,6 +220,7 @@ service_pid() {
         kafka) pattern="kafka.Kafka $KAFKA_DIR/server.properties" ;;
         immudb) pattern="--dir $IMMUDB_DIR/data" ;;
         postgres) pattern="$PG_DATA" ;;
+        keycloak) pattern="-Dkc.home.dir=$KEYCLOAK_HOME " ;;
     esac
     pid=$(raw_pid "$1")
     if pid_alive "$pid" && [[ $(cmdline "$pid") == *"$pattern"* ]]; then
@@ -242,6 +286,32 @@ ensure_tools() {
     if [[ $EUID -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
         useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
     fi
+}
+
+# Keycloak needs Java 17+, and curl for its readiness probe; deploy/local/keycloak/admin.sh
+# (users and signing keys for tests) needs curl and jq.
+ensure_keycloak_tools() {
+    local pkgs=()
+    if ! command -v java >/dev/null || (($(java_major) < 17)); then
+        pkgs+=(openjdk-17-jre-headless)
+    fi
+    command -v curl >/dev/null || pkgs+=(curl)
+    command -v jq >/dev/null || pkgs+=(jq)
+    ((${#pkgs[@]} == 0)) || apt_install "${pkgs[@]}"
+    (($(java_major) >= 17)) || die "Java 17+ is required for Keycloak $KEYCLOAK_VERSION (found $(java_major))"
+}
+
+# Tools for the given services: the core servers' (PostgreSQL binaries included) only when
+# one of them is asked for, so `ensure keycloak` never installs PostgreSQL.
+ensure_tools_for() {
+    local svc core=
+    for svc in "$@"; do
+        case $svc in
+            keycloak) ensure_keycloak_tools ;;
+            *) core=1 ;;
+        esac
+    done
+    [[ -z $core ]] || ensure_tools
 }
 
 # mvn and go are only needed to fill the cache.
@@ -322,6 +392,102 @@ ensure_immudb_bin() {
     rm -rf "$dir"
     mv "$tmp" "$dir"
     log "immudb: binaries ready in $(since "$t0")"
+}
+
+# Options that Keycloak bakes into its server image (Quarkus build-time options). The cache
+# is pre-built with exactly these and every start passes exactly these, so a start never
+# re-augments (that costs 20-40 s and would write into the shared cache). Editing this list
+# changes the cache key: the next start rebuilds the cache.
+KEYCLOAK_BUILD_OPTS=(--db=dev-file --health-enabled=true --http-management-health-enabled=false)
+
+# JVM flags: a small heap, the serial collector and C1 only (tiered compilation stopped at
+# level 1) roughly halve the start-up on 2 cores; a password-grant token still takes ~50 ms.
+# They replace kc.sh's default JAVA_OPTS (G1, -Xmx512m), whose other defaults are repeated.
+KEYCLOAK_JAVA_OPTS="-Xms64m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+-XX:MetaspaceSize=96M -XX:MaxMetaspaceSize=256m -XX:+ExitOnOutOfMemoryError \
+-Dfile.encoding=UTF-8 -Dsun.stdout.encoding=UTF-8 -Dsun.err.encoding=UTF-8 \
+-Djava.security.egd=file:/dev/urandom -Djava.awt.headless=true"
+
+# kc.sh runs in a clean environment, `"${KC_ENV[@]}" kc.sh ...`: a caller's KC_* /
+# QUARKUS_* / JAVA_OPTS* variables would otherwise silently reconfigure the server (or
+# change its build options).
+kc_env() { # home
+    KC_ENV=(env -i PATH="$PATH" HOME="$HOME" LANG=C.UTF-8)
+    [[ -z ${JAVA_HOME:-} ]] || KC_ENV+=(JAVA_HOME="$JAVA_HOME")
+    KC_ENV+=(JAVA_OPTS="$KEYCLOAK_JAVA_OPTS -Djava.io.tmpdir=$1/tmp"
+        KC_BOOTSTRAP_ADMIN_USERNAME="$KEYCLOAK_ADMIN_USERNAME"
+        KC_BOOTSTRAP_ADMIN_PASSWORD="$KEYCLOAK_ADMIN_PASSWORD")
+}
+
+keycloak_dist_current() { # hash
+    [[ -r ${KEYCLOAK_DIST%/dist}/.recipe && $(<"${KEYCLOAK_DIST%/dist}/.recipe") == "$1" && -x $KEYCLOAK_DIST/bin/kc.sh ]]
+}
+
+# Maven fetches the distribution; then one `kc.sh start-dev` pass with the build options
+# above re-augments it for dev mode (kc.sh refuses `build` in dev mode) against a throw-away
+# home, and stops before the server boots: after a re-augmentation kc.sh relaunches the JVM
+# with -Dkc.config.built=true, and the `java` it is given for this pass exits 0 on that flag.
+# The cache is shared by stacks in other AUDIT_STACK_DIRs, so installs take a cache lock.
+ensure_keycloak_dist() {
+    local dir=${KEYCLOAK_DIST%/dist} hash tmp t0 home
+    hash=$({ cat "$SCRIPT_DIR/keycloak/pom.xml"; printf '%s\n' "${KEYCLOAK_BUILD_OPTS[@]}"; } | sha256sum | cut -c1-16)
+    keycloak_dist_current "$hash" && return
+    mkdir -p "$CACHE_DIR"
+    exec 8>"$CACHE_DIR/keycloak.lock"
+    flock -w 600 8 || die "keycloak: could not lock $CACHE_DIR/keycloak.lock within 600 s"
+    if keycloak_dist_current "$hash"; then # another stack installed it meanwhile
+        exec 8>&-
+        return
+    fi
+    require_mvn
+    t0=$(now_ms)
+    log "keycloak: fetching Keycloak $KEYCLOAK_VERSION from Maven Central into $dir"
+    tmp="$dir.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    if ! mvn -B -q -f "$SCRIPT_DIR/keycloak/pom.xml" dependency:unpack \
+        -DoutputDirectory="$tmp" >"$tmp/mvn.log" 2>&1 </dev/null; then
+        tail -n 40 "$tmp/mvn.log" >&2
+        rm -rf "$tmp"
+        die "keycloak: mvn dependency:unpack failed"
+    fi
+    if [[ ! -x $tmp/keycloak-$KEYCLOAK_VERSION/bin/kc.sh ]]; then
+        rm -rf "$tmp"
+        die "keycloak: the archive has no keycloak-$KEYCLOAK_VERSION/bin/kc.sh"
+    fi
+    mv "$tmp/keycloak-$KEYCLOAK_VERSION" "$tmp/dist"
+    log "keycloak: unpacked in $(since "$t0"); pre-building the dev-mode server image"
+    home="$tmp/build-home"
+    mkdir -p "$home/tmp"
+    ln -s "$tmp/dist/lib" "$home/lib"
+    cat >"$tmp/java-build-only" <<'EOF'
+#!/bin/sh
+# The JVM that kc.sh relaunches after a re-augmentation carries -Dkc.config.built=true:
+# the build is done and no server is wanted.
+for arg in "$@"; do
+    [ "$arg" = -Dkc.config.built=true ] && exit 0
+done
+exec java "$@"
+EOF
+    chmod +x "$tmp/java-build-only"
+    kc_env "$home"
+    if ! "${KC_ENV[@]}" JAVA="$tmp/java-build-only" "$tmp/dist/bin/kc.sh" start-dev \
+        "-Dkc.home.dir=$home" "${KEYCLOAK_BUILD_OPTS[@]}" >"$tmp/build.log" 2>&1 </dev/null 9>&- 8>&-; then
+        tail -n 40 "$tmp/build.log" >&2
+        rm -rf "$tmp"
+        die "keycloak: pre-building the server image failed"
+    fi
+    if ! grep -q 'Quarkus augmentation completed' "$tmp/build.log"; then
+        tail -n 40 "$tmp/build.log" >&2
+        rm -rf "$tmp"
+        die "keycloak: kc.sh start-dev did not re-augment the server image"
+    fi
+    rm -rf "$home" "$tmp/java-build-only"
+    echo "$hash" >"$tmp/.recipe"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+    exec 8>&-
+    log "keycloak: installed and pre-built in $(since "$t0")"
 }
 
 prepare_stack_dir() {
@@ -553,6 +719,61 @@ pg_after_ready() {
 }
 
 # ---------------------------------------------------------------------------------------
+# Keycloak (dev mode: H2 file database in the stack dir, realm imported from the repo)
+
+keycloak_launch() {
+    mkdir -p "$KEYCLOAK_HOME/data/import" "$KEYCLOAK_HOME/tmp"
+    # kc.home.dir is this stack's folder, so data/ (H2 database, import folder, transaction
+    # log) is per stack; lib/ points into the cache, where Keycloak finds its server image
+    # and the build options it was made with.
+    ln -sfn "$KEYCLOAK_DIST/lib" "$KEYCLOAK_HOME/lib"
+    # --import-realm imports every file in data/import whose realm does not exist yet
+    # (strategy IGNORE_EXISTING): the first start creates realm `audit`, later starts keep
+    # the database as it is (users and keys that tests added stay until `down`).
+    cp "$SCRIPT_DIR/keycloak/realm-audit.json" "$KEYCLOAK_HOME/data/import/realm-audit.json"
+    # setsid: survive the caller's Ctrl-C / process-group kill. kc.sh stays the parent of
+    # the JVM and forwards SIGTERM to it; its pid is the one recorded.
+    # --hostname: every URL Keycloak issues (and so `iss`) is KEYCLOAK_URL, whatever Host
+    # header a client sends. Health endpoints on the main port, so no management port
+    # (9000) is opened. Nothing in this configuration reaches out to the network (no update
+    # check, no theme or extension download); Narayana's transaction-recovery listener
+    # takes an ephemeral port, bound to the loopback address like the rest.
+    kc_env "$KEYCLOAK_HOME"
+    (cd "$KEYCLOAK_DIR" && exec setsid "${KC_ENV[@]}" \
+        "$KEYCLOAK_DIST/bin/kc.sh" start-dev "-Dkc.home.dir=$KEYCLOAK_HOME" \
+        "${KEYCLOAK_BUILD_OPTS[@]}" \
+        --http-host="$HOST" --http-port="$KEYCLOAK_PORT" --hostname="$KEYCLOAK_URL" \
+        --import-realm \
+        >>"$KEYCLOAK_DIR/keycloak.log" 2>&1 </dev/null 9>&-) &
+    echo $! >"$KEYCLOAK_DIR/keycloak.pid"
+}
+
+# Ready when realm `audit` serves its discovery document and names the expected issuer
+# (the realm is imported before the HTTP port opens, so this also proves the import).
+keycloak_probe() {
+    local doc="$KEYCLOAK_DIR/discovery.json"
+    port_open "$KEYCLOAK_PORT" || { echo "port $KEYCLOAK_PORT not open" >"$KEYCLOAK_DIR/probe.log"; return 1; }
+    curl -sS --fail --max-time 5 -o "$doc" "$KEYCLOAK_ISSUER/.well-known/openid-configuration" \
+        >"$KEYCLOAK_DIR/probe.log" 2>&1 </dev/null || return 1
+    grep -q "\"issuer\":\"$KEYCLOAK_ISSUER\"" "$doc" || {
+        echo "discovery document does not name issuer $KEYCLOAK_ISSUER" >"$KEYCLOAK_DIR/probe.log"
+        return 1
+    }
+}
+
+# After a fresh start: a demo user really gets a token with the demo password (catches a
+# realm file and this script drifting apart).
+keycloak_after_ready() {
+    ((${STARTED_AT[keycloak]:-0} > 0)) || return 0
+    if ! curl -sS --fail --max-time 10 "$KEYCLOAK_ISSUER/protocol/openid-connect/token" \
+        -d grant_type=password -d client_id=audit-cli -d username=alice \
+        --data-urlencode "password=$KEYCLOAK_DEMO_PASSWORD" </dev/null 2>&1 |
+        grep -q '"access_token"'; then
+        fail_with_log keycloak "demo user alice cannot get a token from client audit-cli"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------
 # generic lifecycle
 
 launch() {
@@ -560,6 +781,7 @@ launch() {
         kafka) kafka_launch ;;
         immudb) immudb_launch ;;
         postgres) pg_launch ;;
+        keycloak) keycloak_launch ;;
     esac
 }
 
@@ -568,6 +790,7 @@ probe() {
         kafka) kafka_probe ;;
         immudb) immudb_probe ;;
         postgres) pg_probe ;;
+        keycloak) keycloak_probe ;;
     esac
 }
 
@@ -576,6 +799,7 @@ after_ready() {
         kafka) ;;
         immudb) immudb_after_ready ;;
         postgres) pg_after_ready ;;
+        keycloak) keycloak_after_ready ;;
     esac
 }
 
@@ -584,6 +808,7 @@ ensure_installed() {
         kafka) ensure_kafka_libs ;;
         immudb) ensure_immudb_bin ;;
         postgres) ;;
+        keycloak) ensure_keycloak_dist ;;
     esac
 }
 
@@ -610,9 +835,8 @@ begin_start() {
 
 # Polls all the given servers in turn, so each one's reported time is its own.
 wait_ready() { # service...
-    local pending=("$@") still svc pid t0 deadline
+    local pending=("$@") still svc pid t0 deadline timeout
     t0=$(now_ms)
-    deadline=$((t0 + READY_TIMEOUT * 1000))
     while ((${#pending[@]} > 0)); do
         still=()
         for svc in "${pending[@]}"; do
@@ -633,12 +857,14 @@ wait_ready() { # service...
                 fi
                 continue
             fi
+            timeout=$(ready_timeout_of "$svc")
+            deadline=$((t0 + timeout * 1000))
             if (($(now_ms) > deadline)); then
                 if [[ -s $STACK_DIR/$svc/probe.log ]]; then
                     log "$svc: last readiness probe said:"
                     tail -n 5 "$STACK_DIR/$svc/probe.log" >&2
                 fi
-                fail_with_log "$svc" "not answering after ${READY_TIMEOUT}s (pid ${pid:-none})"
+                fail_with_log "$svc" "not answering after ${timeout}s (pid ${pid:-none})"
             fi
             still+=("$svc")
         done
@@ -672,6 +898,7 @@ stop_service() { # service [kill]
     case $svc in
         kafka) rm -f "$KAFKA_DIR/kafka.pid" ;;
         immudb) rm -f "$IMMUDB_DIR/immudb.pid" ;;
+        keycloak) rm -f "$KEYCLOAK_DIR/keycloak.pid" ;;
         postgres) ;; # postmaster.pid is handled by PostgreSQL itself, even after SIGKILL
     esac
     log "$svc: stopped"
@@ -680,33 +907,72 @@ stop_service() { # service [kill]
 # ---------------------------------------------------------------------------------------
 # commands
 
+# The optional servers `up` starts too: `--with NAME[,NAME]` (repeatable) and
+# AUDIT_STACK_WITH (comma- or space-separated).
+WITH=()
+parse_with() {
+    local words=${AUDIT_STACK_WITH:-} name
+    while (($# > 0)); do
+        case $1 in
+            --with) (($# >= 2)) || die "--with needs a server name (keycloak)"; words+=" $2"; shift 2 ;;
+            --with=*) words+=" ${1#--with=}"; shift ;;
+            *) die "up: unexpected argument '$1' (expected --with keycloak)" ;;
+        esac
+    done
+    for name in ${words//,/ }; do
+        case $name in
+            keycloak) [[ " ${WITH[*]} " == *" $name "* ]] || WITH+=("$name") ;;
+            *) die "up: '$name' is not an optional server (keycloak)" ;;
+        esac
+    done
+}
+
 cmd_up() {
     local t_all t0 svc
+    parse_with "$@"
     t_all=$(now_ms)
     take_lock
     t0=$(now_ms)
     ensure_tools
     ensure_kafka_libs
     ensure_immudb_bin
-    log "prerequisites ready in $(since "$t0") (Kafka $KAFKA_VERSION, immudb $IMMUDB_VERSION, PostgreSQL $(basename "$(dirname "$PG_BIN")"))"
+    for svc in ${WITH[@]+"${WITH[@]}"}; do
+        ensure_tools_for "$svc"
+        ensure_installed "$svc"
+    done
+    log "prerequisites ready in $(since "$t0") (Kafka $KAFKA_VERSION, immudb $IMMUDB_VERSION, PostgreSQL $(basename "$(dirname "$PG_BIN")")${WITH[*]:+, Keycloak $KEYCLOAK_VERSION})"
     prepare_stack_dir
-    # Launch all three first, then wait: start-ups overlap.
-    for svc in "${SERVICES[@]}"; do
+    # Launch them all first, then wait: start-ups overlap.
+    for svc in "${SERVICES[@]}" ${WITH[@]+"${WITH[@]}"}; do
         begin_start "$svc"
     done
-    wait_ready "${SERVICES[@]}"
+    wait_ready "${SERVICES[@]}" ${WITH[@]+"${WITH[@]}"}
     log "stack up in $(since "$t_all") (data in $STACK_DIR)"
 }
 
-cmd_start() {
-    local svc=$1
-    need_service "$svc"
+# Install if needed, start if not running, wait until each answers. Idempotent; parallel
+# callers are serialised by the stack lock, and a server that is already up costs one probe.
+cmd_ensure() {
+    local svc
+    (($# > 0)) || die "ensure: name the servers (kafka|immudb|postgres|keycloak)"
+    for svc in "$@"; do
+        need_service "$svc"
+    done
     take_lock
-    ensure_tools
-    ensure_installed "$svc"
+    ensure_tools_for "$@"
+    for svc in "$@"; do
+        ensure_installed "$svc"
+    done
     prepare_stack_dir
-    begin_start "$svc"
-    wait_ready "$svc"
+    for svc in "$@"; do
+        begin_start "$svc"
+    done
+    wait_ready "$@"
+}
+
+cmd_start() {
+    need_service "$1"
+    cmd_ensure "$1"
 }
 
 cmd_stop() {
@@ -724,7 +990,7 @@ cmd_restart() {
 cmd_down() {
     local svc
     take_lock
-    for svc in "${SERVICES[@]}"; do
+    for svc in "${OPTIONAL_SERVICES[@]}" "${SERVICES[@]}"; do
         stop_service "$svc"
     done
     if [[ -d $STACK_DIR ]]; then
@@ -734,20 +1000,24 @@ cmd_down() {
     fi
 }
 
+# Exit 3 when a core server is not running; an optional one (Keycloak) is listed, with
+# "(optional)" when stopped, and never changes the exit code.
 cmd_status() {
-    local svc pid all=0
-    for svc in "${SERVICES[@]}"; do
+    local svc pid all=0 core note
+    for svc in "${SERVICES[@]}" "${OPTIONAL_SERVICES[@]}"; do
+        core=1 note=''
+        [[ " ${OPTIONAL_SERVICES[*]} " != *" $svc "* ]] || { core=''; note=' (optional)'; }
         pid=$(service_pid "$svc")
         if [[ -n $pid ]]; then
             if port_open "$(port_of "$svc")"; then
                 printf '%-8s running  %s pid %s\n' "$svc" "$(address_of "$svc")" "$pid"
             else
                 printf '%-8s starting %s pid %s (port not open yet)\n' "$svc" "$(address_of "$svc")" "$pid"
-                all=3
+                [[ -z $core ]] || all=3
             fi
         else
-            printf '%-8s stopped  %s\n' "$svc" "$(address_of "$svc")"
-            all=3
+            printf '%-8s stopped  %s%s\n' "$svc" "$(address_of "$svc")" "$note"
+            [[ -z $core ]] || all=3
         fi
     done
     return "$all"
@@ -767,6 +1037,16 @@ cmd_env() {
         "POSTGRES_DATABASE=$POSTGRES_DATABASE" \
         "POSTGRES_USERNAME=$POSTGRES_USERNAME" \
         "POSTGRES_PASSWORD=$POSTGRES_PASSWORD" \
+        "KEYCLOAK_URL=$KEYCLOAK_URL" \
+        "KEYCLOAK_REALM=$KEYCLOAK_REALM" \
+        "KEYCLOAK_ISSUER=$KEYCLOAK_ISSUER" \
+        "KEYCLOAK_AUDIENCE=audit-api" \
+        "KEYCLOAK_CONSOLE_CLIENT_ID=audit-console" \
+        "KEYCLOAK_CLI_CLIENT_ID=audit-cli" \
+        "KEYCLOAK_ADMIN_USERNAME=$KEYCLOAK_ADMIN_USERNAME" \
+        "KEYCLOAK_ADMIN_PASSWORD=$KEYCLOAK_ADMIN_PASSWORD" \
+        "KEYCLOAK_DEMO_USERS=alice ivan rita nora" \
+        "KEYCLOAK_DEMO_PASSWORD=$KEYCLOAK_DEMO_PASSWORD" \
         "AUDIT_STACK_SCRIPT=$SCRIPT_PATH" \
         "AUDIT_STACK_DIR=$STACK_DIR"; do
         printf 'export %s=%q\n' "${name%%=*}" "${name#*=}"
@@ -808,10 +1088,11 @@ main() {
     local cmd=${1:-}
     shift || true
     case $cmd in
-        up) cmd_up ;;
+        up) cmd_up "$@" ;;
         down) cmd_down ;;
         status) cmd_status ;;
         env) cmd_env ;;
+        ensure) cmd_ensure "$@" ;;
         start) cmd_start "${1:-}" ;;
         stop) cmd_stop "${1:-}" ;;
         kill) cmd_stop "${1:-}" kill ;;
