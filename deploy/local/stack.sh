@@ -445,8 +445,10 @@ ensure_keycloak_dist() {
     tmp="$dir.tmp.$$"
     rm -rf "$tmp"
     mkdir -p "$tmp"
+    # keycloak.markers: unpack's "already unpacked" markers go with this attempt, not into
+    # deploy/local/keycloak/target (a stale marker there would make it skip the unpack).
     if ! mvn -B -q -f "$SCRIPT_DIR/keycloak/pom.xml" dependency:unpack \
-        -DoutputDirectory="$tmp" >"$tmp/mvn.log" 2>&1 </dev/null; then
+        -DoutputDirectory="$tmp" -Dkeycloak.markers="$tmp/markers" >"$tmp/mvn.log" 2>&1 </dev/null; then
         tail -n 40 "$tmp/mvn.log" >&2
         rm -rf "$tmp"
         die "keycloak: mvn dependency:unpack failed"
@@ -482,7 +484,7 @@ EOF
         rm -rf "$tmp"
         die "keycloak: kc.sh start-dev did not re-augment the server image"
     fi
-    rm -rf "$home" "$tmp/java-build-only"
+    rm -rf "$home" "$tmp/java-build-only" "$tmp/markers"
     echo "$hash" >"$tmp/.recipe"
     rm -rf "$dir"
     mv "$tmp" "$dir"
@@ -938,7 +940,7 @@ cmd_up() {
     ensure_immudb_bin
     for svc in ${WITH[@]+"${WITH[@]}"}; do
         ensure_tools_for "$svc"
-        ensure_installed "$svc"
+        [[ -n $(service_pid "$svc") ]] || ensure_installed "$svc"
     done
     log "prerequisites ready in $(since "$t0") (Kafka $KAFKA_VERSION, immudb $IMMUDB_VERSION, PostgreSQL $(basename "$(dirname "$PG_BIN")")${WITH[*]:+, Keycloak $KEYCLOAK_VERSION})"
     prepare_stack_dir
@@ -961,7 +963,8 @@ cmd_ensure() {
     take_lock
     ensure_tools_for "$@"
     for svc in "$@"; do
-        ensure_installed "$svc"
+        # Not under a running server: a changed recipe would replace the files it runs from.
+        [[ -n $(service_pid "$svc") ]] || ensure_installed "$svc"
     done
     prepare_stack_dir
     for svc in "$@"; do
