@@ -715,6 +715,73 @@ impl ImmudbClient {
         .map(|_| ())
     }
 
+    /// Creates an immudb user with `permission` on `database` (1 read, 2 read+write, 254 admin).
+    /// Needs a session of a user allowed to manage users (the sysadmin); the password must meet
+    /// immudb's policy (8–32 characters with upper and lower case, a digit and a symbol). Used by
+    /// the tests (a read-only login) and for least-privilege logins of the read side.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &SecretString,
+        permission: u32,
+        database: &str,
+    ) -> Result<(), ImmudbError> {
+        self.call("create user", |mut grpc, sid| {
+            let request = with_session(
+                proto::CreateUserRequest {
+                    user: username.as_bytes().to_vec(),
+                    password: password.expose_secret().as_bytes().to_vec(),
+                    permission,
+                    database: database.to_owned(),
+                },
+                sid,
+            );
+            async move { grpc.create_user(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Probes whether this login may write, without writing: a `Set` whose `KeyMustExist`
+    /// precondition names a key that does not exist. immudb checks the caller's permission
+    /// before the preconditions, so a login that may write gets "precondition failed" (nothing
+    /// committed) and one that may only read gets "permission denied". A KeepAlive would
+    /// succeed for both, which is why it cannot close a circuit opened by a refused write.
+    pub async fn write_probe(&self) -> Result<(), ImmudbError> {
+        let absent = format!("audit-consumer:write-probe:{}", uuid::Uuid::new_v4()).into_bytes();
+        let request = proto::SetRequest {
+            kvs: vec![proto::KeyValue {
+                key: b"audit-consumer:write-probe".to_vec(),
+                value: Vec::new(),
+                metadata: None,
+            }],
+            no_wait: false,
+            preconditions: vec![proto::Precondition {
+                precondition: Some(proto::precondition::Precondition::KeyMustExist(
+                    proto::precondition::KeyMustExistPrecondition { key: absent },
+                )),
+            }],
+        };
+        match self
+            .call("write probe", |mut grpc, sid| {
+                let request = with_session(request.clone(), sid);
+                async move { grpc.set(request).await }
+            })
+            .await
+        {
+            Err(ImmudbError::PreconditionFailed { .. }) => Ok(()),
+            Ok(header) => Err(ImmudbError::Permanent {
+                op: "write probe",
+                code: tonic::Code::Internal,
+                message: format!(
+                    "immudb committed tx {} although its precondition cannot hold",
+                    header.id
+                ),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The database's current state: last committed transaction id and its accumulated hash.
     pub async fn current_state(&self) -> Result<State, ImmudbError> {
         self.call("current state", |mut grpc, sid| {

@@ -445,3 +445,35 @@ fn verify_listed_tx(
     }
     Ok(())
 }
+
+/// The Alh (accumulated hash) of a transaction header: the state a proof to it ends in.
+pub fn header_alh(header: &proto::TxHeader) -> Result<Digest, VerificationError> {
+    Ok(Header::from_proto(header, "tx header")?.alh())
+}
+
+/// Whether `tx` (as returned by [`verify_tx_answer`], which checked that its listed entries
+/// rebuild the header's `eH`) holds the plain key/value `key` = `value` without metadata.
+/// A transaction whose entries are not all listed proves nothing and is refused.
+pub fn tx_holds_kv(tx: &proto::Tx, key: &[u8], value: &[u8]) -> Result<bool, VerificationError> {
+    let header = tx
+        .header
+        .as_ref()
+        .ok_or_else(|| VerificationError::Malformed("transaction header missing".into()))?;
+    if tx.entries.len() != header.nentries as usize {
+        return Err(VerificationError::Tx {
+            tx: header.id,
+            check: format!(
+                "{} of its {} entries listed: cannot prove which keys it holds",
+                tx.entries.len(),
+                header.nentries
+            ),
+        });
+    }
+    let stored_key = encode_key(key);
+    let h_value = value_hash(value);
+    Ok(tx.entries.iter().any(|entry| {
+        entry.key == stored_key
+            && entry.h_value.as_slice() == h_value.as_slice()
+            && kv_metadata_bytes(entry.metadata.as_ref()).is_empty()
+    }))
+}

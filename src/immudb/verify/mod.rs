@@ -29,7 +29,9 @@ pub mod testkit;
 #[cfg(test)]
 mod tests;
 
-pub use answers::{VerifyContext, verify_get_answer, verify_set_answer, verify_tx_answer};
+pub use answers::{
+    VerifyContext, header_alh, tx_holds_kv, verify_get_answer, verify_set_answer, verify_tx_answer,
+};
 pub use dual::{verify_dual_proof, verify_linear_advance_proof, verify_linear_proof};
 pub use error::{DualProofCheck, EntryCheck, VerificationError};
 pub use state::{
