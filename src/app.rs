@@ -13,6 +13,7 @@ use crate::config::{ImmudbSettings, Settings};
 use crate::http::{self, Health};
 use crate::immudb::StateVerifyingKey;
 use crate::immudb::{ImmudbClient, ImmudbConnectOptions, ImmudbTls};
+use crate::pipeline::immudb_write::ENTRIES_PER_EVENT;
 use crate::pipeline::{self, Shared, Sinks, dlq::DlqProducer};
 use crate::resilience::CircuitBreaker;
 use crate::trust::{Trust, TrustStore};
@@ -39,9 +40,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.circuit.failure_threshold,
         settings.circuit.cooldown,
     ));
+    // A DLQ refusal that retrying cannot fix opens this one; its probe is the next send.
+    let dlq_breaker = Arc::new(CircuitBreaker::new("dlq", 1, settings.circuit.cooldown));
     let health = Arc::new(Health::new(
         settings.http.stall_timeout,
-        vec![immudb_breaker.clone(), pg_breaker.clone()],
+        vec![
+            immudb_breaker.clone(),
+            pg_breaker.clone(),
+            dlq_breaker.clone(),
+        ],
     ));
     health.beat();
     let background = TaskTracker::new();
@@ -62,6 +69,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         background.wait().await;
         return Ok(());
     };
+    let entries = settings.kafka.batch_size * ENTRIES_PER_EVENT;
+    if entries > immudb.limits().max_tx_entries {
+        anyhow::bail!(
+            "KAFKA_BATCH_SIZE={} needs {entries} immudb entries per transaction (two per event), \
+             above the {} database {}'s maxTxEntries {}",
+            settings.kafka.batch_size,
+            if settings.immudb.create_database {
+                "created"
+            } else {
+                "existing"
+            },
+            settings.immudb.database,
+            immudb.limits().max_tx_entries
+        );
+    }
     // Lazy: the pool connects on first use, so a PostgreSQL outage at start-up is retried like
     // any other outage instead of crash-looping the pod.
     let pg = sqlx::postgres::PgPoolOptions::new()
@@ -73,8 +95,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 .connect_options()
                 .options([("search_path", settings.postgres.schema.as_str())]),
         );
-    let dlq = DlqProducer::new(&settings.kafka, &settings.instance_id)
+    let dlq = DlqProducer::new(&settings.kafka, &settings.instance_id, dlq_breaker)
         .context("creating the DLQ producer")?;
+    if !check_dlq(&settings, &health, &shutdown).await? {
+        return Ok(());
+    }
 
     let server_key = match &settings.immudb.server_signing_key {
         Some(path) => {
@@ -97,9 +122,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let trust = if settings.immudb.verify {
         let store = TrustStore::new(pg.clone());
-        let state = loop {
+        let established = loop {
             match audit::establish_trust(&immudb, &store, server_key.as_ref()).await {
-                Ok(state) => break state,
+                Ok(established) => break established,
                 Err(error @ (TrustError::Inconsistent { .. } | TrustError::BadSignature(_))) => {
                     return Err(error).context("establishing trust in immudb");
                 }
@@ -116,7 +141,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 () = shutdown.cancelled() => return Ok(()),
             }
         };
-        let trust = Arc::new(Trust::new(state, store));
+        let newest = established.current.tx_id;
+        let trust = Arc::new(Trust::new(
+            established.current,
+            established.row,
+            Box::new(store),
+            Box::new(immudb.clone()),
+        ));
+        // Moves the shared row to the proven state (by compare-and-set); a failure here is
+        // retried by the first batch.
+        if let Err(error) = trust.settle(newest).await {
+            if trust.tampered() {
+                return Err(error).context("establishing trust in immudb");
+            }
+            tracing::warn!(%error, "cannot persist the trusted immudb state yet");
+        }
         health.watch_trust(trust.clone());
         background.spawn(audit::run_continuous_audit(
             settings.audit,
@@ -149,27 +188,58 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         trust,
     };
     let result = pipeline::run(&settings, sinks, &shared, shutdown).await;
-    if let Some(trust) = &shared.trust {
-        // Bounded like the other shutdown steps: a PostgreSQL that is down must not hold the exit.
-        match tokio::time::timeout(Duration::from_secs(2), trust.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "cannot persist the newest trusted immudb state")
-            }
-            Err(_) => tracing::warn!("persisting the newest trusted immudb state timed out"),
+    // What is left is bounded as a whole, so the exit stays within SHUTDOWN_TIMEOUT + a few
+    // seconds even when a store or the broker does not answer.
+    let cleanup = async {
+        if let Some(trust) = &shared.trust
+            && let Err(error) = trust.flush().await
+        {
+            tracing::warn!(%error, "cannot persist the newest trusted immudb state");
         }
+        stop_background.cancel();
+        background.close();
+        let flush_dlq = dlq.clone();
+        let _ = tokio::task::spawn_blocking(move || flush_dlq.flush(Duration::from_secs(1))).await;
+        immudb.close().await;
+        pg.close().await;
+        background.wait().await;
+    };
+    if tokio::time::timeout(CLEANUP_TIMEOUT, cleanup)
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the stores timed out; exiting anyway");
     }
-    stop_background.cancel();
-    background.close();
-    let flush_dlq = dlq.clone();
-    let _ = tokio::task::spawn_blocking(move || flush_dlq.flush(Duration::from_secs(2))).await;
-    immudb.close().await;
-    // Connections still checked out by an abandoned batch must not hold the exit.
-    let _ = tokio::time::timeout(Duration::from_secs(2), pg.close()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
     result.context("pipeline stopped")?;
     tracing::info!("audit-consumer stopped cleanly");
     Ok(())
+}
+
+/// How long the steps after the pipeline's drain (persist the trusted state, flush the DLQ
+/// producer, close the sessions) may take together.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Checks that the DLQ topic exists and can hold what the source topics may carry, retrying
+/// while the brokers do not answer. Returns false when shutdown is requested first.
+async fn check_dlq(
+    settings: &Settings,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    loop {
+        health.beat();
+        match pipeline::dlq::check_topic_sizes(&settings.kafka).await {
+            Ok(()) => return Ok(true),
+            Err(error @ pipeline::dlq::DlqCheckError::Unreachable(_)) => {
+                tracing::warn!(%error, "cannot check the DLQ topic yet; retrying");
+            }
+            Err(error) => return Err(error).context("checking the DLQ topic"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(audit::STARTUP_RETRY) => {}
+            () = shutdown.cancelled() => return Ok(false),
+        }
+    }
 }
 
 /// Connects to immudb, retrying while it is unreachable (it may start after us). Returns

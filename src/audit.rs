@@ -20,7 +20,7 @@ use crate::immudb::{
     ImmudbClient, ImmudbError, StateVerifyingKey, TrustedState, VerificationError,
 };
 use crate::metrics::metrics;
-use crate::trust::{Trust, TrustStore};
+use crate::trust::{Trust, TrustFailure, TrustStore};
 
 /// Why trust could not be established at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +45,26 @@ pub enum TrustError {
     Postgres(#[from] crate::postgres::PgError),
 }
 
+/// The trusted state established at start-up: the server's current state, proven to extend
+/// the shared row (`row`, as loaded; `None` when no replica verified anything yet).
+pub struct Established {
+    pub current: TrustedState,
+    pub row: Option<TrustedState>,
+}
+
 /// Loads the trusted state and proves the server's current state extends it. With no
 /// persisted state (first start against this database) the server is trusted on first use,
-/// and that is logged.
+/// and that is logged. Nothing is persisted here: the [`Trust`] built from the result moves the
+/// shared row by compare-and-set.
 pub async fn establish_trust(
     immudb: &ImmudbClient,
     store: &TrustStore,
     server_key: Option<&StateVerifyingKey>,
-) -> Result<TrustedState, TrustError> {
+) -> Result<Established, TrustError> {
     let database = immudb.database().to_owned();
-    let trusted = match store.load(&database).await? {
-        Some(state) => state,
+    let row = store.load(&database).await?;
+    let trusted = match &row {
+        Some(state) => state.clone(),
         None => {
             tracing::warn!(
                 database = %database,
@@ -77,17 +86,22 @@ pub async fn establish_trust(
         signed?;
     }
     if current.tx_id == 0 && trusted.is_fresh() {
-        return Ok(trusted);
+        return Ok(Established {
+            current: trusted,
+            row,
+        });
     }
     match immudb.verified_tx_by_id(current.tx_id, &trusted).await {
         Ok((_, verified)) => {
-            store.advance(&verified).await?;
             tracing::info!(
                 trusted_tx = trusted.tx_id,
                 current_tx = verified.tx_id,
                 "immudb's current state is consistent with the trusted state"
             );
-            Ok(verified)
+            Ok(Established {
+                current: verified,
+                row,
+            })
         }
         Err(error @ ImmudbError::VerificationFailed { .. }) => {
             metrics().verification_failures.inc();
@@ -137,6 +151,8 @@ pub async fn run_continuous_audit(
                 );
             }
             Err(AuditFailure::Tampered(what, error)) => trust.suspect_tampering(&what, &error),
+            // The trust layer already set the latch and logged why.
+            Err(AuditFailure::Latched) => {}
             Err(AuditFailure::Unavailable(error)) => {
                 tracing::warn!(%error, "continuous audit could not run this round")
             }
@@ -146,7 +162,17 @@ pub async fn run_continuous_audit(
 
 enum AuditFailure {
     Tampered(String, String),
+    Latched,
     Unavailable(String),
+}
+
+impl From<TrustFailure> for AuditFailure {
+    fn from(failure: TrustFailure) -> Self {
+        match failure {
+            TrustFailure::Tampered(_) => AuditFailure::Latched,
+            other => AuditFailure::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl From<ImmudbError> for AuditFailure {
@@ -171,22 +197,27 @@ async fn audit_once(
     let trusted = trust.current();
     if current.tx_id > 0 {
         let (_, verified) = immudb.verified_tx_by_id(current.tx_id, &trusted).await?;
-        if let Err(error) = trust.advance(verified).await {
-            tracing::warn!(%error, "cannot persist the trusted immudb state");
-        }
+        let newest = verified.tx_id;
+        trust.accept(&trusted, verified).await?;
+        trust.settle(newest).await?;
     }
-    // A random starting point in the primary key: a cheap, uniform-enough sample.
+    // A random starting point in the primary key, wrapping around to the start: a cheap,
+    // uniform-enough sample that covers the whole table when the sample is as large as it.
     let rows: Vec<(Uuid, String, i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT event_id, immudb_key, immudb_tx, payload_sha256 FROM audit_trail \
-         WHERE event_id >= $1 ORDER BY event_id LIMIT $2",
+        "(SELECT event_id, immudb_key, immudb_tx, payload_sha256 FROM audit_trail \
+          WHERE event_id >= $1 ORDER BY event_id LIMIT $2) \
+         UNION ALL \
+         (SELECT event_id, immudb_key, immudb_tx, payload_sha256 FROM audit_trail \
+          WHERE event_id < $1 ORDER BY event_id LIMIT $2)",
     )
     .bind(Uuid::new_v4())
     .bind(i64::from(settings.sample_size))
     .fetch_all(pg)
     .await
     .map_err(|e| AuditFailure::Unavailable(e.to_string()))?;
+    let rows = &rows[..rows.len().min(settings.sample_size as usize)];
     let trusted = trust.current();
-    for (event_id, key, tx, digest) in &rows {
+    for (event_id, key, tx, digest) in rows {
         let at_tx = u64::try_from(*tx).ok();
         match immudb.verified_get(key.as_bytes(), at_tx, &trusted).await? {
             Some((entry, _)) if payload_sha256(&entry.value).as_slice() == digest.as_slice() => {}

@@ -18,6 +18,10 @@ use secrecy::{ExposeSecret, SecretString};
 /// batch is written as one transaction.
 pub const IMMUDB_MAX_TX_ENTRIES: usize = 1024;
 
+/// Events per batch at most: each event takes two immudb entries (its `audit:` entry and its
+/// `event:` uniqueness key), and a batch is one transaction.
+pub const MAX_BATCH_SIZE: usize = IMMUDB_MAX_TX_ENTRIES / 2;
+
 /// Prefix of environment variables passed through verbatim to librdkafka:
 /// `KAFKA_PROP_SECURITY_PROTOCOL=SSL` sets `security.protocol=SSL`.
 pub const KAFKA_PASSTHROUGH_PREFIX: &str = "KAFKA_PROP_";
@@ -98,7 +102,7 @@ pub const SETTINGS: &[SettingSpec] = &[
         "kafka.batch_size",
         "KAFKA_BATCH_SIZE",
         Some("100"),
-        "Events per batch (one immudb transaction); 1..=1024, immudb's per-transaction entry limit.",
+        "Events per batch (one immudb transaction); 1..=512: each event takes two immudb entries (its audit entry and its event_id uniqueness key) and immudb allows 1,024 per transaction.",
     ),
     s(
         "kafka.batch_timeout",
@@ -859,7 +863,7 @@ impl Settings {
                     ("latest", OffsetReset::Latest),
                 ],
             )?,
-            batch_size: number(l, "kafka.batch_size", 1, IMMUDB_MAX_TX_ENTRIES as u64)? as usize,
+            batch_size: number(l, "kafka.batch_size", 1, MAX_BATCH_SIZE as u64)? as usize,
             batch_timeout: duration(l, "kafka.batch_timeout")?,
             session_timeout: duration(l, "kafka.session_timeout")?,
             max_poll_interval: duration(l, "kafka.max_poll_interval")?,
@@ -1282,7 +1286,7 @@ mod tests {
         );
         assert_eq!(
             error_of(&[("KAFKA_BATCH_SIZE", "5000")]),
-            "KAFKA_BATCH_SIZE (kafka.batch_size): 5000 is above the maximum 1024"
+            "KAFKA_BATCH_SIZE (kafka.batch_size): 5000 is above the maximum 512"
         );
         assert_eq!(
             error_of(&[

@@ -225,10 +225,37 @@ impl AuditEvent {
         key
     }
 
+    /// The immudb key that makes `event_id` unique whatever the entity type: `event:{event_id}`
+    /// (hyphenated, lower case), written in the same transaction as [`immudb_key`]
+    /// (Self::immudb_key) with a `KeyMustNotExist` precondition, so a second copy of an id under
+    /// another entity type is refused by immudb itself. Its value is [`uniqueness_value`].
+    pub fn uniqueness_key(&self) -> String {
+        uniqueness_key(self.event_id)
+    }
+
     /// The event time in UTC, as stored in PostgreSQL's `timestamptz`.
     pub fn timestamp_utc(&self) -> DateTime<Utc> {
         self.timestamp.with_timezone(&Utc)
     }
+}
+
+/// Prefix of the per-event uniqueness keys in immudb (outside the `audit:` prefix).
+pub const UNIQUENESS_PREFIX: &str = "event:";
+
+/// `event:{event_id}`: see [`AuditEvent::uniqueness_key`].
+pub fn uniqueness_key(event_id: Uuid) -> String {
+    let mut buf = Uuid::encode_buffer();
+    format!(
+        "{UNIQUENESS_PREFIX}{}",
+        event_id.hyphenated().encode_lower(&mut buf)
+    )
+}
+
+/// The value of an event's uniqueness key: the payload's SHA-256 as 64 lower-case hex
+/// characters, so a redelivery (same digest) is told from a conflict (another digest) and the
+/// entry reads plainly in `immuclient`.
+pub fn uniqueness_value(digest: &[u8; 32]) -> Vec<u8> {
+    hex::encode(digest).into_bytes()
 }
 
 /// SHA-256 of the payload exactly as received: what PostgreSQL stores to prove a row against

@@ -162,6 +162,11 @@ impl CircuitBreaker {
         self.service
     }
 
+    /// The wait between probes while open.
+    pub fn cooldown(&self) -> std::time::Duration {
+        self.cooldown
+    }
+
     pub fn state(&self) -> CircuitState {
         self.lock().state
     }

@@ -1,22 +1,118 @@
-//! The trusted immudb state: loaded from and advanced in PostgreSQL, shared by the writers.
+//! The trusted immudb state: what this deployment has verified, shared by the writers of one
+//! process and, through PostgreSQL, by every replica.
 //!
-//! Every verified immudb answer is proven consistent with the trusted state; the state then
-//! moves forward to the answer's transaction. It is persisted outside immudb (a server cannot
-//! vouch for itself) in `immudb_trusted_state`, a table whose trigger only lets it move forward,
-//! so a restarted replica resumes from what was verified and a rolled-back server fails the next
-//! proof instead of being trusted again. Replicas share the row: each advances it to the highest
-//! transaction it has verified.
+//! Two rules keep it a single history:
+//! - **In a process**, a verified answer is only adopted against the state it was proven from.
+//!   Concurrent writers prove from the same state; when another writer's newer state was adopted
+//!   meanwhile, the two are linked by one more proof before either counts (a server that shows
+//!   two writers two forks is caught here).
+//! - **Across replicas**, the row in `immudb_trusted_state` only moves by compare-and-set from
+//!   the state this process last read or wrote. When another replica moved it, the row's state
+//!   and ours are proven consistent before the row moves again, so a replica anchored behind the
+//!   others cannot carry the row onto a history forked between its anchor and theirs.
+//!
+//! A batch's rows go to PostgreSQL only once its transaction is *settled*: linked with the row.
+//! A failed proof anywhere trips the tamper latch, which stops every writer until a restart.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::future::BoxFuture;
 use sqlx::PgPool;
+use tokio::sync::watch;
 
-use crate::immudb::TrustedState;
+use crate::immudb::{ImmudbClient, ImmudbError, TrustedState};
 use crate::metrics::metrics;
 use crate::postgres::PgError;
 
-/// Persistence of the trusted state in PostgreSQL.
+/// Why the trusted state could not take a verified answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustFailure {
+    /// The answers contradict each other or the shared state: tamper or rollback suspected.
+    /// The latch is set.
+    #[error("tamper suspected: {0}")]
+    Tampered(String),
+    /// immudb could not be asked for the linking proof; nothing was decided.
+    #[error("immudb unavailable for a consistency proof: {0}")]
+    Immudb(ImmudbError),
+    /// PostgreSQL could not be read or written; nothing was decided.
+    #[error("PostgreSQL (trusted state): {0}")]
+    Postgres(#[from] PgError),
+}
+
+/// Proves that two states of one database lie on one history.
+pub trait Prover: Send + Sync {
+    /// The state of transaction `tx`, proven consistent with `from` (in either direction: `tx`
+    /// may be older than `from`). A proof that fails is [`ImmudbError::VerificationFailed`].
+    fn state_at<'a>(
+        &'a self,
+        from: &'a TrustedState,
+        tx: u64,
+    ) -> BoxFuture<'a, Result<TrustedState, ImmudbError>>;
+}
+
+impl Prover for ImmudbClient {
+    fn state_at<'a>(
+        &'a self,
+        from: &'a TrustedState,
+        tx: u64,
+    ) -> BoxFuture<'a, Result<TrustedState, ImmudbError>> {
+        Box::pin(async move {
+            let (proven, newest) = self.verified_tx_by_id(tx, from).await?;
+            let header = proven
+                .header
+                .as_ref()
+                .ok_or_else(|| ImmudbError::VerificationFailed {
+                    op: "verified tx by id",
+                    source: crate::immudb::VerificationError::Malformed("no header".into()),
+                })?;
+            if newest.tx_id == tx {
+                return Ok(newest);
+            }
+            // `tx` is older than `from`: the proof went from it to `from`; its own state is
+            // the header's Alh.
+            let alh = crate::immudb::verify::header_alh(header).map_err(|source| {
+                ImmudbError::VerificationFailed {
+                    op: "verified tx by id",
+                    source,
+                }
+            })?;
+            Ok(TrustedState {
+                db: from.db.clone(),
+                tx_id: tx,
+                tx_hash: alh,
+                signature: None,
+            })
+        })
+    }
+}
+
+/// What a compare-and-set of the shared row found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Swap {
+    /// The row held the expected state and now holds the new one.
+    Done,
+    /// The row holds another state (another replica moved it): this one.
+    Moved(TrustedState),
+}
+
+/// Where the shared trusted state lives.
+pub trait TrustRow: Send + Sync {
+    /// The persisted state of `database`, if any was ever verified.
+    fn load<'a>(
+        &'a self,
+        database: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TrustedState>, PgError>>;
+    /// Moves the row from `expected` (`None`: no row yet) to `new`, or says where it is.
+    fn swap<'a>(
+        &'a self,
+        expected: Option<&'a TrustedState>,
+        new: &'a TrustedState,
+    ) -> BoxFuture<'a, Result<Swap, PgError>>;
+}
+
+/// The shared trusted state in PostgreSQL's `immudb_trusted_state` (a trigger lets it only move
+/// forward).
 #[derive(Clone)]
 pub struct TrustStore {
     pool: PgPool,
@@ -45,146 +141,542 @@ impl TrustStore {
         }))
     }
 
-    /// Moves the persisted state forward to `state` (never backward: an older state from a
-    /// slower replica is ignored).
-    pub async fn advance(&self, state: &TrustedState) -> Result<(), PgError> {
-        if state.is_fresh() {
-            return Ok(());
-        }
-        let signature = state
+    async fn compare_and_set(
+        &self,
+        expected: Option<&TrustedState>,
+        new: &TrustedState,
+    ) -> Result<Swap, PgError> {
+        let signature = new
             .signature
             .as_ref()
             .and_then(|s| serde_json::to_value(s).ok());
-        sqlx::query(
-            "INSERT INTO immudb_trusted_state (immudb_database, tx_id, tx_hash, signature) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (immudb_database) DO UPDATE \
-             SET tx_id = EXCLUDED.tx_id, tx_hash = EXCLUDED.tx_hash, signature = EXCLUDED.signature, \
-                 updated_at = now() \
-             WHERE immudb_trusted_state.tx_id < EXCLUDED.tx_id",
-        )
-        .bind(&state.db)
-        .bind(i64::try_from(state.tx_id).unwrap_or(i64::MAX))
-        .bind(state.tx_hash.to_vec())
-        .bind(signature)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let tx = i64::try_from(new.tx_id).unwrap_or(i64::MAX);
+        let changed = match expected {
+            None => sqlx::query(
+                "INSERT INTO immudb_trusted_state (immudb_database, tx_id, tx_hash, signature) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (immudb_database) DO NOTHING",
+            )
+            .bind(&new.db)
+            .bind(tx)
+            .bind(new.tx_hash.to_vec())
+            .bind(signature)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Some(old) => sqlx::query(
+                "UPDATE immudb_trusted_state \
+                 SET tx_id = $2, tx_hash = $3, signature = $4, updated_at = now() \
+                 WHERE immudb_database = $1 AND tx_id = $5 AND tx_hash = $6",
+            )
+            .bind(&new.db)
+            .bind(tx)
+            .bind(new.tx_hash.to_vec())
+            .bind(signature)
+            .bind(i64::try_from(old.tx_id).unwrap_or(i64::MAX))
+            .bind(old.tx_hash.to_vec())
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+        };
+        if changed == 1 {
+            return Ok(Swap::Done);
+        }
+        match self.load(&new.db).await? {
+            Some(current) => Ok(Swap::Moved(current)),
+            // The row cannot disappear (a trigger refuses DELETE); an expected row that is not
+            // there means the table was recreated behind our back.
+            None => Err(PgError::Permanent(sqlx::Error::RowNotFound)),
+        }
     }
 }
 
-/// Writes of the trusted state one `advance` call may make while it holds the persist lock.
-const MAX_PERSIST_PASSES: usize = 2;
+impl TrustRow for TrustStore {
+    fn load<'a>(
+        &'a self,
+        database: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TrustedState>, PgError>> {
+        Box::pin(TrustStore::load(self, database))
+    }
+
+    fn swap<'a>(
+        &'a self,
+        expected: Option<&'a TrustedState>,
+        new: &'a TrustedState,
+    ) -> BoxFuture<'a, Result<Swap, PgError>> {
+        Box::pin(self.compare_and_set(expected, new))
+    }
+}
+
+/// The two states a process keeps: the newest it verified, and the row as it last saw it.
+#[derive(Debug, Clone)]
+struct Anchors {
+    /// The newest verified state of this process; every adopted state lies on its history.
+    current: TrustedState,
+    /// The shared row as this process last read or wrote it (`None`: no row yet).
+    row: Option<TrustedState>,
+}
 
 /// The trusted state in memory, shared by the writers and the continuous audit.
 pub struct Trust {
-    state: Mutex<TrustedState>,
-    store: TrustStore,
+    anchors: Mutex<Anchors>,
+    row_store: Box<dyn TrustRow>,
+    prover: Box<dyn Prover>,
     tampered: AtomicBool,
-    /// The transaction of the newest state written to PostgreSQL by this process.
-    persisted_tx: AtomicU64,
-    /// Held by the one writer persisting; the others leave their newer state to it.
+    /// The highest transaction known to lie on the shared row's history (persisted by us, or
+    /// proven to be a prefix of the row). Batches wait for it before their PostgreSQL stage.
+    settled: watch::Sender<u64>,
+    /// Flips once, when tampering is first suspected; writers wait on it.
+    latch: watch::Sender<bool>,
+    /// Held by the one task persisting; the others wait for `settled` to move.
     persisting: tokio::sync::Mutex<()>,
 }
 
 impl Trust {
-    pub fn new(initial: TrustedState, store: TrustStore) -> Self {
+    /// `current` was proven from `row` (the shared row as loaded at start-up, `None` when there
+    /// was none); nothing is persisted yet.
+    pub fn new(
+        current: TrustedState,
+        row: Option<TrustedState>,
+        row_store: Box<dyn TrustRow>,
+        prover: Box<dyn Prover>,
+    ) -> Self {
         metrics()
             .trusted_tx_id
-            .set(i64::try_from(initial.tx_id).unwrap_or(i64::MAX));
+            .set(i64::try_from(current.tx_id).unwrap_or(i64::MAX));
+        let settled = row.as_ref().map_or(0, |r| r.tx_id.min(current.tx_id));
         Self {
-            persisted_tx: AtomicU64::new(initial.tx_id),
-            state: Mutex::new(initial),
-            store,
+            anchors: Mutex::new(Anchors { current, row }),
+            row_store,
+            prover,
             tampered: AtomicBool::new(false),
+            settled: watch::channel(settled).0,
+            latch: watch::channel(false).0,
             persisting: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The state proofs are checked against now.
+    /// The state proofs are checked against now. Keep it: [`accept`](Self::accept) needs it.
     pub fn current(&self) -> TrustedState {
-        self.state().clone()
+        self.anchors().current.clone()
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, TrustedState> {
+    fn anchors(&self) -> std::sync::MutexGuard<'_, Anchors> {
         // Every update is a single assignment: a panic elsewhere cannot leave it half-written.
-        self.state
+        self.anchors
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adopts a newly verified state if it is ahead, and persists it. Writes are coalesced: while
-    /// one writer persists, the others return at once and it then persists the newest state
-    /// too, so the concurrent writers never queue on the row's lock and PostgreSQL sees at most
-    /// one write in flight. The writer holding the lock makes at most [`MAX_PERSIST_PASSES`]
-    /// writes, so a slow PostgreSQL cannot keep it (and its topic) there while the others keep
-    /// moving; a newer state left over is persisted by the next call or by [`Trust::flush`].
-    pub async fn advance(&self, verified: TrustedState) -> Result<(), PgError> {
-        let ahead = {
-            let mut state = self.state();
-            let ahead = verified.tx_id > state.tx_id;
-            if ahead {
-                *state = verified.clone();
+    /// Takes `verified`, an answer proven from `base` (what [`current`](Self::current) returned
+    /// before the request). When the current state moved meanwhile, `verified` and the current
+    /// state are first proven to lie on one history. Fails with [`TrustFailure::Tampered`] (and
+    /// sets the latch) when they do not.
+    pub async fn accept(
+        &self,
+        base: &TrustedState,
+        verified: TrustedState,
+    ) -> Result<(), TrustFailure> {
+        let mut base = base.clone();
+        loop {
+            self.check_latch()?;
+            {
+                let mut anchors = self.anchors();
+                if anchors.current == base {
+                    if verified.tx_id > anchors.current.tx_id {
+                        metrics()
+                            .trusted_tx_id
+                            .set(i64::try_from(verified.tx_id).unwrap_or(i64::MAX));
+                        anchors.current = verified;
+                    }
+                    return Ok(());
+                }
+                base = anchors.current.clone();
+            }
+            // Another writer's state was adopted after ours was proven from an older one.
+            self.link(&base, &verified, "concurrent verified answers")
+                .await?;
+            // Linked with `base`; loop to adopt it if `base` is still the current state.
+            if verified.tx_id <= base.tx_id {
+                return Ok(());
+            }
+            let proven_from_base = verified.clone();
+            let mut anchors = self.anchors();
+            if anchors.current == base {
                 metrics()
                     .trusted_tx_id
-                    .set(i64::try_from(verified.tx_id).unwrap_or(i64::MAX));
+                    .set(i64::try_from(proven_from_base.tx_id).unwrap_or(i64::MAX));
+                anchors.current = proven_from_base;
+                return Ok(());
             }
-            ahead
+            base = anchors.current.clone();
+        }
+    }
+
+    /// Proves that `a` and `b` (states of one database) lie on one history; a failed proof sets
+    /// the latch.
+    async fn link(
+        &self,
+        a: &TrustedState,
+        b: &TrustedState,
+        what: &str,
+    ) -> Result<(), TrustFailure> {
+        let (older, newer) = if a.tx_id <= b.tx_id { (a, b) } else { (b, a) };
+        let fork = |detail: String| {
+            let failure = TrustFailure::Tampered(format!("{what}: {detail}"));
+            self.suspect_tampering(what, &failure);
+            Err(failure)
         };
-        if !ahead {
+        if older.tx_id == newer.tx_id {
+            if older.tx_hash == newer.tx_hash {
+                return Ok(());
+            }
+            return fork(format!("two different states of tx {}", older.tx_id));
+        }
+        if older.is_fresh() {
             return Ok(());
         }
-        let mut passes = 0;
-        // Re-checked after letting go of the lock: a state adopted while its holder was about
-        // to let go would otherwise be left unpersisted.
-        while passes < MAX_PERSIST_PASSES && self.unpersisted() {
-            let Ok(_persisting) = self.persisting.try_lock() else {
+        match self.prover.state_at(older, newer.tx_id).await {
+            Ok(proven) if proven.tx_hash == newer.tx_hash => Ok(()),
+            Ok(_) => fork(format!(
+                "tx {} proven from tx {} is not the state verified before",
+                newer.tx_id, older.tx_id
+            )),
+            Err(error @ ImmudbError::VerificationFailed { .. }) => fork(format!(
+                "tx {} does not extend tx {}: {error}",
+                newer.tx_id, older.tx_id
+            )),
+            Err(error) => Err(TrustFailure::Immudb(error)),
+        }
+    }
+
+    /// Waits until `tx` lies on the shared row's history, persisting the newest state when no
+    /// other task is doing it. Fails with [`TrustFailure::Tampered`] when the row and this
+    /// process's history diverge.
+    pub async fn settle(&self, tx: u64) -> Result<(), TrustFailure> {
+        let mut settled = self.settled.subscribe();
+        loop {
+            self.check_latch()?;
+            if *settled.borrow_and_update() >= tx {
                 return Ok(());
-            };
-            while passes < MAX_PERSIST_PASSES && self.unpersisted() {
-                self.persist_current().await?;
-                passes += 1;
+            }
+            match self.persisting.try_lock() {
+                Ok(_persisting) => self.persist().await?,
+                Err(_) => {
+                    let mut latch = self.latch.subscribe();
+                    tokio::select! {
+                        _ = settled.changed() => {}
+                        _ = latch.wait_for(|set| *set) => {}
+                    }
+                }
             }
         }
-        Ok(())
     }
 
-    /// Persists the newest verified state if it is not yet, waiting for a write in progress.
-    /// Called once the writers have stopped, so a clean shutdown leaves the newest anchor.
-    pub async fn flush(&self) -> Result<(), PgError> {
-        let _persisting = self.persisting.lock().await;
-        if self.unpersisted() {
-            self.persist_current().await?;
+    /// Persists the newest state if it is not yet settled (a clean shutdown leaves the newest
+    /// anchor).
+    pub async fn flush(&self) -> Result<(), TrustFailure> {
+        let newest = self.current().tx_id;
+        self.settle(newest).await
+    }
+
+    /// One compare-and-set of the row to the current state, proving consistency with whatever
+    /// another replica put there first. Called with `persisting` held.
+    async fn persist(&self) -> Result<(), TrustFailure> {
+        loop {
+            self.check_latch()?;
+            let Anchors { current, row } = self.anchors().clone();
+            if current.is_fresh() {
+                return Ok(());
+            }
+            let swapped = match &row {
+                // The row is not behind us: there is nothing to write, only to link.
+                Some(theirs) if theirs.tx_id >= current.tx_id => Swap::Moved(theirs.clone()),
+                _ => self.row_store.swap(row.as_ref(), &current).await?,
+            };
+            let theirs = match swapped {
+                Swap::Done => {
+                    self.anchors().row = Some(current.clone());
+                    self.mark_settled(current.tx_id);
+                    return Ok(());
+                }
+                Swap::Moved(theirs) => theirs,
+            };
+            self.link(&current, &theirs, "the shared trusted state")
+                .await?;
+            let mut anchors = self.anchors();
+            anchors.row = Some(theirs.clone());
+            if theirs.tx_id < current.tx_id {
+                // Behind us and a prefix of our history: swap from it next.
+                continue;
+            }
+            // Ahead of us (or equal) and on our history: what we verified is settled.
+            let adopt = anchors.current == current;
+            if adopt && theirs.tx_id > current.tx_id {
+                metrics()
+                    .trusted_tx_id
+                    .set(i64::try_from(theirs.tx_id).unwrap_or(i64::MAX));
+                anchors.current = theirs.clone();
+            }
+            drop(anchors);
+            self.mark_settled(current.tx_id);
+            if adopt {
+                self.mark_settled(theirs.tx_id);
+                return Ok(());
+            }
+            // Our current state moved while we linked: link the new one too.
+        }
+    }
+
+    fn mark_settled(&self, tx: u64) {
+        self.settled.send_if_modified(|settled| {
+            let moved = tx > *settled;
+            *settled = (*settled).max(tx);
+            moved
+        });
+    }
+
+    fn check_latch(&self) -> Result<(), TrustFailure> {
+        if self.tampered() {
+            return Err(TrustFailure::Tampered(
+                "an earlier verification failed; writes stay stopped until a restart".into(),
+            ));
         }
         Ok(())
     }
 
-    fn unpersisted(&self) -> bool {
-        self.state().tx_id > self.persisted_tx.load(Ordering::SeqCst)
-    }
-
-    async fn persist_current(&self) -> Result<(), PgError> {
-        let newest = self.current();
-        self.store.advance(&newest).await?;
-        self.persisted_tx.fetch_max(newest.tx_id, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// A proof failed: the server's history contradicts what was verified. Sticky until an
-    /// operator restarts the daemon after investigating.
+    /// A proof failed: the server's history contradicts what was verified. Sets the latch,
+    /// sticky until an operator restarts the daemon after investigating.
     pub fn suspect_tampering(&self, what: &str, error: &dyn std::fmt::Display) {
         self.tampered.store(true, Ordering::SeqCst);
+        self.latch.send_replace(true);
         metrics().verification_failures.inc();
         tracing::error!(
             event = "tamper_suspected",
             check = what,
             %error,
-            "immudb failed verification against the trusted state: consumption stops"
+            "immudb failed verification against the trusted state: every writer stops until a restart"
         );
     }
 
-    /// Whether a verification failed since start.
+    /// Whether tampering is suspected (the latch is set).
     pub fn tampered(&self) -> bool {
         self.tampered.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once tampering is suspected.
+    pub async fn latched(&self) {
+        let mut latch = self.latch.subscribe();
+        let _ = latch.wait_for(|set| *set).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    /// A server's history as a map tx → Alh per branch; a proof between two states holds when
+    /// both are on the branch the server serves for the newer one.
+    #[derive(Default)]
+    struct History {
+        /// The Alh of each tx on the history the prover answers from.
+        served: Mutex<HashMap<u64, [u8; 32]>>,
+        proofs: std::sync::atomic::AtomicUsize,
+    }
+
+    fn state(tx: u64, branch: u8) -> TrustedState {
+        TrustedState {
+            db: "db".into(),
+            tx_id: tx,
+            tx_hash: [branch.wrapping_mul(31).wrapping_add(tx as u8); 32],
+            signature: None,
+        }
+    }
+
+    impl History {
+        fn serve(&self, branch: u8, txs: std::ops::RangeInclusive<u64>) {
+            let mut served = self.served.lock().unwrap();
+            for tx in txs {
+                served.insert(tx, state(tx, branch).tx_hash);
+            }
+        }
+    }
+
+    impl Prover for Arc<History> {
+        fn state_at<'a>(
+            &'a self,
+            from: &'a TrustedState,
+            tx: u64,
+        ) -> BoxFuture<'a, Result<TrustedState, ImmudbError>> {
+            Box::pin(async move {
+                self.proofs.fetch_add(1, Ordering::SeqCst);
+                let served = self.served.lock().unwrap();
+                let fail = || ImmudbError::VerificationFailed {
+                    op: "test",
+                    source: crate::immudb::VerificationError::TrustedState("fork".into()),
+                };
+                if served.get(&from.tx_id) != Some(&from.tx_hash) {
+                    return Err(fail());
+                }
+                let hash = *served.get(&tx).ok_or_else(fail)?;
+                Ok(TrustedState {
+                    db: "db".into(),
+                    tx_id: tx,
+                    tx_hash: hash,
+                    signature: None,
+                })
+            })
+        }
+    }
+
+    #[derive(Default)]
+    struct Row(Mutex<Option<TrustedState>>);
+
+    impl TrustRow for Arc<Row> {
+        fn load<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<TrustedState>, PgError>> {
+            Box::pin(async move { Ok(self.0.lock().unwrap().clone()) })
+        }
+
+        fn swap<'a>(
+            &'a self,
+            expected: Option<&'a TrustedState>,
+            new: &'a TrustedState,
+        ) -> BoxFuture<'a, Result<Swap, PgError>> {
+            Box::pin(async move {
+                let mut row = self.0.lock().unwrap();
+                if row.as_ref() == expected {
+                    *row = Some(new.clone());
+                    Ok(Swap::Done)
+                } else {
+                    Ok(Swap::Moved(row.clone().expect("a row")))
+                }
+            })
+        }
+    }
+
+    fn trust(
+        history: &Arc<History>,
+        row: &Arc<Row>,
+        current: TrustedState,
+        loaded: Option<TrustedState>,
+    ) -> Trust {
+        Trust::new(
+            current,
+            loaded,
+            Box::new(row.clone()),
+            Box::new(history.clone()),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_answer_proven_from_the_current_state_is_adopted_without_another_proof() {
+        let history = Arc::new(History::default());
+        history.serve(0, 1..=20);
+        let row = Arc::new(Row::default());
+        let trust = trust(&history, &row, state(10, 0), None);
+        let base = trust.current();
+        trust.accept(&base, state(12, 0)).await.expect("accept");
+        assert_eq!(trust.current(), state(12, 0));
+        assert_eq!(history.proofs.load(Ordering::SeqCst), 0);
+        trust.settle(12).await.expect("settle");
+        assert_eq!(*row.0.lock().unwrap(), Some(state(12, 0)));
+    }
+
+    #[tokio::test]
+    async fn concurrent_answers_on_one_history_are_linked_then_adopted() {
+        let history = Arc::new(History::default());
+        history.serve(0, 1..=20);
+        let row = Arc::new(Row::default());
+        let trust = trust(&history, &row, state(10, 0), None);
+        let base = trust.current();
+        trust.accept(&base, state(11, 0)).await.expect("first");
+        // The second writer proved tx 12 from tx 10 while tx 11 was adopted.
+        trust.accept(&base, state(12, 0)).await.expect("second");
+        assert_eq!(trust.current(), state(12, 0));
+        assert_eq!(
+            history.proofs.load(Ordering::SeqCst),
+            1,
+            "one linking proof"
+        );
+        // An older answer proven from the old base is linked, not adopted.
+        trust.accept(&base, state(11, 0)).await.expect("older");
+        assert_eq!(trust.current(), state(12, 0));
+    }
+
+    #[tokio::test]
+    async fn concurrent_answers_on_two_forks_trip_the_latch() {
+        let history = Arc::new(History::default());
+        // The server answered writer one from branch 0 and writer two from branch 1, both
+        // extending tx 10; it serves branch 1 for the linking proof.
+        history.serve(0, 1..=10);
+        history.serve(1, 11..=20);
+        let row = Arc::new(Row::default());
+        let trust = trust(&history, &row, state(10, 0), None);
+        let base = trust.current();
+        trust.accept(&base, state(11, 0)).await.expect("first");
+        let second = trust.accept(&base, state(12, 1)).await;
+        assert!(
+            matches!(second, Err(TrustFailure::Tampered(_))),
+            "{second:?}"
+        );
+        assert!(trust.tampered());
+        assert_eq!(trust.current(), state(11, 0), "the fork is not adopted");
+        let later = trust.accept(&trust.current(), state(12, 0)).await;
+        assert!(
+            matches!(later, Err(TrustFailure::Tampered(_))),
+            "the latch holds"
+        );
+        assert!(matches!(
+            trust.settle(11).await,
+            Err(TrustFailure::Tampered(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_row_moved_ahead_on_our_history_settles_us_without_a_write() {
+        let history = Arc::new(History::default());
+        history.serve(0, 1..=30);
+        let row = Arc::new(Row(Mutex::new(Some(state(5, 0)))));
+        let trust = trust(&history, &row, state(5, 0), Some(state(5, 0)));
+        trust
+            .accept(&state(5, 0), state(10, 0))
+            .await
+            .expect("accept");
+        // Another replica moved the row to tx 20 meanwhile.
+        *row.0.lock().unwrap() = Some(state(20, 0));
+        trust.settle(10).await.expect("settle");
+        assert_eq!(*row.0.lock().unwrap(), Some(state(20, 0)));
+        assert_eq!(
+            trust.current(),
+            state(20, 0),
+            "the row's newer state is adopted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lagging_anchor_never_moves_the_row_onto_a_fork() {
+        let history = Arc::new(History::default());
+        // The row holds tx 20 of branch 0; the server was rolled back to tx 12 and grown on
+        // branch 1. This replica's anchor is tx 8, a prefix of both.
+        history.serve(0, 1..=12);
+        history.serve(1, 13..=30);
+        let row = Arc::new(Row(Mutex::new(Some(state(20, 0)))));
+        let trust = trust(&history, &row, state(8, 0), Some(state(8, 0)));
+        trust
+            .accept(&state(8, 0), state(25, 1))
+            .await
+            .expect("proven from its own anchor");
+        let settled = trust.settle(25).await;
+        assert!(
+            matches!(settled, Err(TrustFailure::Tampered(_))),
+            "{settled:?}"
+        );
+        assert_eq!(
+            *row.0.lock().unwrap(),
+            Some(state(20, 0)),
+            "the row never holds a forked state"
+        );
+        assert!(trust.tampered());
     }
 }

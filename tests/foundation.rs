@@ -130,7 +130,7 @@ fn check_config_names_the_bad_setting_in_one_line() {
         (
             "KAFKA_BATCH_SIZE",
             "2000",
-            "KAFKA_BATCH_SIZE (kafka.batch_size): 2000 is above the maximum 1024",
+            "KAFKA_BATCH_SIZE (kafka.batch_size): 2000 is above the maximum 512",
         ),
         (
             "KAFKA_BATCH_TIMEOUT",

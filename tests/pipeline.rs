@@ -464,6 +464,13 @@ async fn survives_repeated_sigkill_without_loss_or_duplicates() {
     assert!(daemon.terminate(Duration::from_secs(30)).await.success());
     let ids: Vec<Uuid> = corpus.iter().map(|(id, _)| *id).collect();
     assert_stored_exactly_once(&world, &pg, &world.immudb().await, &ids, "plant").await;
+    // Events redelivered after a kill between their immudb and PostgreSQL writes were proven
+    // before their rows were written.
+    assert_eq!(
+        world.unverified_rows(&pg).await,
+        0,
+        "rows stored without a proof"
+    );
 }
 
 /// A static member (`KAFKA_GROUP_INSTANCE_ID`) restarted after a SIGKILL takes its partitions

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use audit_consumer::immudb::KeyValue;
 use common::*;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -570,4 +571,384 @@ async fn a_rolled_back_immudb_is_refused_by_the_daemon_and_its_audit() {
         "the refusal says why: {log}"
     );
     assert_eq!(world.pg_count(&pg).await, 600);
+}
+
+/// The immudb data directory of the local stack.
+fn immudb_data_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var("AUDIT_STACK_DIR").unwrap_or_else(|_| "/tmp/audit-consumer-stack".into()),
+    )
+    .join("immudb")
+    .join("data")
+}
+
+/// An attacker's copy of immudb's data directory as it is now (immudb stopped for the copy).
+fn snapshot_immudb(world: &World) -> std::path::PathBuf {
+    let snapshot = std::env::temp_dir().join(unique("immudb-snapshot-"));
+    let mut outage = Outage::begin(world, "immudb");
+    copy_tree(&immudb_data_dir(), &snapshot);
+    outage.end();
+    snapshot
+}
+
+/// Replaces immudb's data directory by an older copy: a rollback of the system of record.
+fn roll_back_immudb(world: &World, snapshot: &std::path::Path) {
+    let data = immudb_data_dir();
+    let mut outage = Outage::begin(world, "immudb");
+    std::fs::remove_dir_all(&data).expect("remove data");
+    copy_tree(snapshot, &data);
+    outage.end();
+    std::fs::remove_dir_all(snapshot).ok();
+}
+
+/// The shared trusted state row.
+async fn trusted_row(pg: &sqlx::PgPool) -> (i64, Vec<u8>) {
+    sqlx::query_as("SELECT tx_id, tx_hash FROM immudb_trusted_state")
+        .fetch_one(pg)
+        .await
+        .expect("trusted state")
+}
+
+/// PostgreSQL rows whose entry exists in immudb's *current* history beyond `fork_point`: rows
+/// written on top of a rolled-back server.
+async fn rows_on_the_fork(world: &World, pg: &sqlx::PgPool, fork_point: u64) -> Vec<String> {
+    let keys: Vec<(String,)> = sqlx::query_as("SELECT immudb_key FROM audit_trail")
+        .fetch_all(pg)
+        .await
+        .expect("keys");
+    let immudb = world.immudb().await;
+    let mut on_fork = Vec::new();
+    for chunk in keys.chunks(500) {
+        let keys: Vec<Vec<u8>> = chunk.iter().map(|(k,)| k.clone().into_bytes()).collect();
+        for entry in immudb.get_all(&keys).await.expect("get_all") {
+            if entry.tx > fork_point {
+                on_fork.push(String::from_utf8_lossy(&entry.key).into_owned());
+            }
+        }
+    }
+    on_fork
+}
+
+/// A rollback while all four topics stream: every writer stops on its own failed proof or on
+/// the latch another one set, and nothing is written on top of the rolled-back history.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_under_four_streaming_topics_stops_every_writer() {
+    let _serial = serial().await;
+    let topics = [
+        "plant-lifecycle.v1",
+        "financial.v1",
+        "user-actions.v1",
+        "system.v1",
+    ];
+    let world = Arc::new(World::new(&topics, 3).await);
+    let pg = world.pg().await;
+    let daemon = world.start_daemon(
+        "a",
+        &BTreeMap::from([("KAFKA_BATCH_SIZE", "50".to_owned())]),
+    );
+    let stop_stream = CancellationToken::new();
+    let stream = steady_stream(world.clone(), 20, stop_stream.clone());
+    wait_until("the first rows", Duration::from_secs(60), || async {
+        (world.pg_count(&pg).await > 200).then_some(())
+    })
+    .await;
+    let immudb = world.immudb().await;
+    let fork_point = immudb.current_state().await.expect("state").tx_id;
+    immudb.close().await;
+    let snapshot = snapshot_immudb(&world);
+    wait_until(
+        "rows past the snapshot",
+        Duration::from_secs(60),
+        || async {
+            let (tx, _) = trusted_row(&pg).await;
+            (tx as u64 > fork_point + 8).then_some(())
+        },
+    )
+    .await;
+    roll_back_immudb(&world, &snapshot);
+
+    wait_until(
+        "every topic's writer to hold behind the tamper latch",
+        Duration::from_secs(60),
+        || async {
+            let held: HashSet<String> = daemon
+                .log_lines()
+                .into_iter()
+                .filter(|l| l["message"] == "tamper suspected: holding the batch until a restart")
+                .filter_map(|l| l["span"]["topic"].as_str().map(str::to_owned))
+                .collect();
+            (held.len() == topics.len()).then_some(())
+        },
+    )
+    .await;
+    let trusted = trusted_row(&pg).await;
+    let rows = world.pg_count(&pg).await;
+    stop_stream.cancel();
+    stream.await.expect("stream");
+    let addr = daemon.http_addr().await;
+    let (status, body) = http_get(addr, "/ready").await.expect("ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("tamper suspected"), "{body}");
+    assert_eq!(
+        world.pg_count(&pg).await,
+        rows,
+        "rows written after every writer held"
+    );
+    assert_eq!(trusted_row(&pg).await, trusted, "the trusted state moved");
+    let on_fork = rows_on_the_fork(&world, &pg, fork_point).await;
+    assert!(
+        on_fork.is_empty(),
+        "rows written on top of the rollback: {on_fork:?}"
+    );
+    assert!(daemon.terminate(Duration::from_secs(40)).await.success());
+}
+
+/// Two replicas share one trusted state. One (A) is anchored behind the other (B); immudb is
+/// rolled back to a point between their anchors and grown past both. A's own anchor is a prefix
+/// of the forked history, so its proof alone holds: it must check the shared row's newer state
+/// before moving it, and neither replica may store a row or move the row onto the fork.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_replica_never_moves_the_shared_trusted_state_onto_a_forked_history() {
+    let _serial = serial().await;
+    let world = World::new(&["a.v1", "b.v1"], 1).await;
+    let pg = world.pg().await;
+    let (topic_a, topic_b) = (world.topics[0].clone(), world.topics[1].clone());
+    let replica = |topic: &str, group: &str| {
+        BTreeMap::from([
+            ("KAFKA_TOPICS", topic.to_owned()),
+            ("KAFKA_GROUP_ID", format!("{}-{group}", world.group)),
+            // No audit round moves an anchor during the test: only the writes do.
+            ("AUDIT_INTERVAL", "1h".to_owned()),
+        ])
+    };
+    let for_topic = |topic: &str, n: usize| -> Vec<TestRecord> {
+        (0..n)
+            .map(|i| {
+                let id = Uuid::new_v4();
+                TestRecord {
+                    topic: topic.to_owned(),
+                    partition: 0,
+                    key: None,
+                    payload: Some(event_json(id, "plant", i)),
+                    headers: vec![],
+                }
+            })
+            .collect()
+    };
+
+    let b = world.start_daemon("b", &replica(&topic_b, "b"));
+    world.produce(&for_topic(&topic_b, 100)).await;
+    world.wait_rows(&pg, 100, Duration::from_secs(60)).await;
+    // A starts now: its anchor is the state B left, and A stays idle.
+    let a = world.start_daemon("a", &replica(&topic_a, "a"));
+    wait_until("A to join its group", Duration::from_secs(60), || async {
+        (a.count_log("partitions assigned") > 0).then_some(())
+    })
+    .await;
+    world.produce(&for_topic(&topic_b, 100)).await;
+    world.wait_rows(&pg, 200, Duration::from_secs(60)).await;
+    let immudb = world.immudb().await;
+    let fork_point = immudb.current_state().await.expect("state").tx_id;
+    immudb.close().await;
+    let snapshot = snapshot_immudb(&world);
+    world.produce(&for_topic(&topic_b, 100)).await;
+    world.wait_rows(&pg, 300, Duration::from_secs(60)).await;
+    let immudb = world.immudb().await;
+    let newest = immudb.current_state().await.expect("state").tx_id;
+    immudb.close().await;
+    wait_until(
+        "B to persist its newest state",
+        Duration::from_secs(30),
+        || async { (trusted_row(&pg).await.0 as u64 == newest).then_some(()) },
+    )
+    .await;
+    let anchored = trusted_row(&pg).await;
+
+    // The rollback, then an attacker grows the old history past both anchors.
+    roll_back_immudb(&world, &snapshot);
+    let attacker = world.immudb().await;
+    for n in 0..(newest - fork_point + 5) {
+        attacker
+            .set_all(
+                &[KeyValue {
+                    key: format!("fork:{n}").into_bytes(),
+                    value: b"forged".to_vec(),
+                }],
+                false,
+            )
+            .await
+            .expect("grow the fork");
+    }
+    attacker.close().await;
+
+    world.produce(&for_topic(&topic_a, 10)).await;
+    world.produce(&for_topic(&topic_b, 10)).await;
+    // Each replica handles its batch: it suspects tampering, or (the defect) stores it.
+    let from_topic = |topic: String| {
+        let pg = pg.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_trail WHERE source_topic = $1")
+                .bind(topic)
+                .fetch_one(&pg)
+                .await
+                .expect("count")
+        }
+    };
+    for (daemon, topic, stored_before) in [(&a, &topic_a, 0), (&b, &topic_b, 300)] {
+        wait_until(
+            "each replica to handle its batch on the forked history",
+            Duration::from_secs(60),
+            || async {
+                let suspected = daemon
+                    .log_lines()
+                    .iter()
+                    .any(|l| l["event"] == "tamper_suspected");
+                let stored = from_topic(topic.clone()).await > stored_before;
+                (suspected || stored).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        trusted_row(&pg).await,
+        anchored,
+        "the shared trusted state was moved onto the forked history"
+    );
+    assert_eq!(
+        from_topic(topic_a.clone()).await,
+        0,
+        "A stored rows proven only against its own stale anchor"
+    );
+    for daemon in [&a, &b] {
+        assert!(
+            daemon
+                .log_lines()
+                .iter()
+                .any(|l| l["event"] == "tamper_suspected"),
+            "a replica did not suspect tampering: {}",
+            daemon.log.display()
+        );
+    }
+    assert_eq!(world.pg_count(&pg).await, 300);
+    assert!(a.terminate(Duration::from_secs(40)).await.success());
+    assert!(b.terminate(Duration::from_secs(40)).await.success());
+}
+
+/// A rebalance while immudb is down: the member losing partitions cannot store their batches,
+/// yet its revocation ends within its deadline (the new owner gets them within the session
+/// timeout), and a SIGTERM during a revocation still exits within SHUTDOWN_TIMEOUT + 5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebalance_while_immudb_is_down_is_bounded_and_so_is_a_sigterm_during_it() {
+    let _serial = serial().await;
+    let world = Arc::new(World::new(&TOPICS, 3).await);
+    let session = Duration::from_secs(10);
+    let shutdown = Duration::from_secs(10);
+    let mut overrides = fast_failure();
+    overrides.insert("KAFKA_SESSION_TIMEOUT", "10s".to_owned());
+    overrides.insert("SHUTDOWN_TIMEOUT", "10s".to_owned());
+    overrides.insert("KAFKA_BATCH_SIZE", "50".to_owned());
+    let daemon = world.start_daemon("a", &overrides);
+    let addr = daemon.http_addr().await;
+    let stop_stream = CancellationToken::new();
+    let stream = steady_stream(world.clone(), 20, stop_stream.clone());
+    let pg = world.pg().await;
+    wait_until("the first rows", Duration::from_secs(60), || async {
+        (world.pg_count(&pg).await > 0).then_some(())
+    })
+    .await;
+    let _outage = Outage::begin(&world, "immudb");
+    wait_until(
+        "the immudb circuit to open",
+        Duration::from_secs(30),
+        || async {
+            let (_, scrape) = http_get(addr, "/metrics").await.ok()?;
+            (metric_value(&scrape, "audit_circuit_breaker_state{service=\"immudb\"}") == Some(2.0))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Another member joins: the daemon must give partitions up while its batches are stuck.
+    let joined = Instant::now();
+    let newcomer = join_group(&world, session * 3).await;
+    let took = joined.elapsed();
+    record_figure(&format!(
+        "rebalance with immudb down: the new member was assigned {} partitions after {:.1}s",
+        newcomer.1,
+        took.as_secs_f64()
+    ));
+    assert!(
+        took < session && newcomer.1 > 0,
+        "the new member owned {} partitions after {took:?}: the rebalance must end within the \
+         session timeout ({session:?})",
+        newcomer.1
+    );
+
+    // It leaves (the daemon takes its partitions back) and joins again; the daemon gets a
+    // SIGTERM in the middle of that second revocation.
+    let assigned_before = daemon.count_log("partitions assigned");
+    drop(newcomer);
+    wait_until(
+        "the daemon to take the partitions back",
+        Duration::from_secs(30),
+        || async { (daemon.count_log("partitions assigned") > assigned_before).then_some(()) },
+    )
+    .await;
+    let rejoin = tokio::spawn({
+        let world = world.clone();
+        async move { join_group(&world, session * 3).await.1 }
+    });
+    wait_until(
+        "the daemon to start revoking",
+        Duration::from_secs(30),
+        || async {
+            (daemon.count_log("partitions revoked; draining them before hand-over") >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    let signalled = Instant::now();
+    let status = daemon.terminate(shutdown + Duration::from_secs(10)).await;
+    let exit_took = signalled.elapsed();
+    record_figure(&format!(
+        "SIGTERM during a revocation with immudb down: exited after {:.1}s",
+        exit_took.as_secs_f64()
+    ));
+    assert!(
+        exit_took < shutdown + Duration::from_secs(5),
+        "exit took {exit_took:?}"
+    );
+    assert!(status.success(), "{status:?}");
+    stop_stream.cancel();
+    stream.await.expect("stream");
+    rejoin.await.expect("rejoin");
+}
+
+/// A plain group member on a blocking thread: joins the world's group and polls until it owns
+/// partitions (at most `timeout`). Returns the consumer (dropping it leaves the group) and how
+/// many partitions it owns.
+async fn join_group(world: &World, timeout: Duration) -> (rdkafka::consumer::BaseConsumer, usize) {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &world.stack.brokers)
+        .set("group.id", &world.group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "10000")
+        .create()
+        .expect("consumer");
+    let topics: Vec<&str> = world.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).expect("subscribe");
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let _ = consumer.poll(Duration::from_millis(100));
+            let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+            if owned > 0 || std::time::Instant::now() > deadline {
+                return (consumer, owned);
+            }
+        }
+    })
+    .await
+    .expect("join thread")
 }

@@ -12,8 +12,6 @@
 //! keeps polling, so heartbeats, rebalances and `max.poll.interval.ms` are served while Kafka
 //! holds the backlog. It resumes when the pipeline has room again.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,7 +23,12 @@ use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::offsets::TopicPartition;
+use super::backpressure::Backpressure;
+pub use super::backpressure::InFlight;
+use super::commits::{Assignments, CommitRetries};
+use super::dlq::MAX_RECEIVED_BYTES;
+use super::handoff::{Handoff, RevocationSignal};
+use super::offsets::{Commit, TopicPartition};
 use super::record::SourceRecord;
 use crate::config::KafkaSettings;
 use crate::http::Health;
@@ -36,12 +39,14 @@ use crate::metrics::metrics;
 pub enum ConsumerEvent {
     Record(SourceRecord),
     /// These partitions are being taken away. Reply with the final offsets to commit for them
-    /// once their in-flight events are stored; the callback commits them before giving up.
+    /// once their in-flight events are stored (or the drain's deadline passed); the callback
+    /// commits them before giving up.
     Revoked {
         partitions: Vec<TopicPartition>,
         reply: oneshot::Sender<Vec<(TopicPartition, i64)>>,
     },
-    Assigned(Vec<TopicPartition>),
+    /// These partitions are ours now, each under a new epoch.
+    Assigned(Vec<(TopicPartition, u64)>),
     /// An error the consumer cannot recover from by itself.
     Fatal(KafkaError),
 }
@@ -49,139 +54,33 @@ pub enum ConsumerEvent {
 /// What the pipeline asks of the poll thread.
 #[derive(Debug)]
 pub enum ConsumerCommand {
-    /// Commit asynchronously (errors are logged by the commit callback). The final commit of a
-    /// partition happens synchronously in the revocation callback.
-    Commit(Vec<(TopicPartition, i64)>),
+    /// Commit asynchronously; a failed commit is sent again unless a later one supersedes it.
+    /// Commits of an assignment that ended are dropped. The final commit of a partition
+    /// happens synchronously in the revocation callback.
+    Commit(Vec<Commit>),
 }
 
-/// Payload bytes received from Kafka and not yet handled, shared by the poll thread (adds) and
-/// the writers (subtract).
-#[derive(Debug, Default)]
-pub struct InFlight {
-    bytes: AtomicI64,
+/// The commit bookkeeping only the poll thread touches.
+#[derive(Default)]
+struct CommitState {
+    assignments: Assignments,
+    retries: CommitRetries,
 }
 
-impl InFlight {
-    pub fn add(&self, bytes: usize) {
-        let now = self.bytes.fetch_add(bytes as i64, Ordering::Relaxed) + bytes as i64;
-        metrics().in_flight_bytes.set(now);
-    }
-
-    pub fn sub(&self, bytes: usize) {
-        let now = self.bytes.fetch_sub(bytes as i64, Ordering::Relaxed) - bytes as i64;
-        metrics().in_flight_bytes.set(now);
-    }
-
-    pub fn bytes(&self) -> i64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-}
-
-/// The librdkafka context: forwards records and rebalances to the pipeline in order, pauses
-/// under backpressure, reports lag, logs client errors.
+/// The librdkafka context: rebalance hooks, commit results and statistics, in front of the
+/// handoff to the pipeline and the backpressure controller.
 pub struct PipelineContext {
-    events: mpsc::Sender<ConsumerEvent>,
-    /// Events polled but not yet accepted by the pipeline (full channel), oldest first. Only the
-    /// poll thread touches it; the mutex just makes the context `Sync`.
-    held: Mutex<VecDeque<ConsumerEvent>>,
-    paused: AtomicBool,
+    handoff: Handoff,
+    backpressure: Backpressure,
+    commits: Mutex<CommitState>,
     health: Arc<Health>,
-    in_flight: Arc<InFlight>,
-    max_in_flight_bytes: i64,
-    /// Held events that make the poll thread pause fetching.
-    pause_after_held: usize,
 }
 
 impl PipelineContext {
-    fn held(&self) -> std::sync::MutexGuard<'_, VecDeque<ConsumerEvent>> {
-        self.held
+    fn commits(&self) -> std::sync::MutexGuard<'_, CommitState> {
+        self.commits
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Queues an event behind the ones already held.
-    fn hold(&self, event: ConsumerEvent) {
-        if let ConsumerEvent::Record(record) = &event {
-            self.in_flight.add(record.payload_bytes().len());
-        }
-        self.held().push_back(event);
-    }
-
-    /// Hands held events to the pipeline until it is full. Returns false once the pipeline is gone.
-    fn deliver_held(&self) -> bool {
-        let mut held = self.held();
-        while let Some(event) = held.pop_front() {
-            match self.events.try_send(event) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(event)) => {
-                    held.push_front(event);
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
-        }
-        true
-    }
-
-    /// Whether fetching should be paused, with hysteresis: pausing purges librdkafka's prefetch,
-    /// so a pipeline that is merely busy for a moment must not trigger it. Pause when a whole
-    /// batch worth of events is held or the byte cap is exceeded; resume only when nothing is
-    /// held and the bytes fell below three quarters of the cap.
-    fn backpressured(&self) -> bool {
-        let held = self.held().len();
-        let bytes = self.in_flight.bytes();
-        if self.paused.load(Ordering::Relaxed) {
-            held > 0 || bytes > self.max_in_flight_bytes / 4 * 3
-        } else {
-            held >= self.pause_after_held || bytes > self.max_in_flight_bytes
-        }
-    }
-
-    /// Pauses or resumes every assigned partition to match the backpressure.
-    fn apply_backpressure(&self, consumer: &BaseConsumer<Self>, wanted: bool) {
-        if wanted == self.paused.load(Ordering::Relaxed) {
-            return;
-        }
-        let assignment = match consumer.assignment() {
-            Ok(assignment) => assignment,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the assignment to pause or resume");
-                return;
-            }
-        };
-        let result = if wanted {
-            consumer.pause(&assignment)
-        } else {
-            consumer.resume(&assignment)
-        };
-        match result {
-            Ok(()) => {
-                self.paused.store(wanted, Ordering::Relaxed);
-                metrics().consumer_paused.set(i64::from(wanted));
-                tracing::debug!(
-                    paused = wanted,
-                    in_flight_bytes = self.in_flight.bytes(),
-                    "fetching paused/resumed by backpressure"
-                );
-            }
-            Err(error) => tracing::warn!(%error, "cannot pause or resume partitions"),
-        }
-    }
-
-    /// Delivers `event` after everything held, waiting (and beating) until the pipeline took
-    /// it. Used from the rebalance callback, where order matters and the reply must follow.
-    fn deliver_in_order(&self, event: ConsumerEvent) -> bool {
-        self.held().push_back(event);
-        loop {
-            self.health.beat();
-            if !self.deliver_held() {
-                return false;
-            }
-            if self.held().is_empty() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 }
 
@@ -212,25 +111,13 @@ impl ConsumerContext for PipelineContext {
         };
         let partitions = partitions_of(list);
         tracing::info!(partitions = %describe(&partitions), "partitions revoked; draining them before hand-over");
-        let (reply, mut answer) = oneshot::channel();
-        let event = ConsumerEvent::Revoked {
-            partitions: partitions.clone(),
-            reply,
-        };
-        // Records of these partitions polled earlier are held or queued ahead of this event.
-        if !self.deliver_in_order(event) {
-            return; // the pipeline is gone: nothing in flight can be committed anyway
+        // Records of these partitions polled earlier are held or queued ahead of the event.
+        let answer = self.handoff.revoke(partitions.clone());
+        {
+            let mut commits = self.commits();
+            commits.assignments.revoke(&partitions);
+            commits.retries.revoke(&partitions);
         }
-        let answer = loop {
-            self.health.beat();
-            match answer.try_recv() {
-                Ok(offsets) => break Some(offsets),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(oneshot::error::TryRecvError::Closed) => break None,
-            }
-        };
         for tp in &partitions {
             let _ = metrics()
                 .consumer_lag
@@ -257,12 +144,13 @@ impl ConsumerContext for PipelineContext {
                 tracing::info!(partitions = %describe(&partitions), "partitions assigned");
                 self.health.set_in_group(true);
                 // New partitions join the pause while the pipeline is backpressured.
-                if self.paused.load(Ordering::Relaxed)
+                if self.backpressure.is_paused()
                     && let Err(error) = consumer.pause(list)
                 {
                     tracing::warn!(%error, "cannot pause newly assigned partitions");
                 }
-                self.hold(ConsumerEvent::Assigned(partitions));
+                let epochs = self.commits().assignments.assign(&partitions);
+                self.handoff.hold(ConsumerEvent::Assigned(epochs));
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
@@ -270,9 +158,32 @@ impl ConsumerContext for PipelineContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            tracing::warn!(%error, partitions = offsets.count(), "offset commit failed; a later commit supersedes it")
+        let failed: Vec<(TopicPartition, i64)> = offsets
+            .elements()
+            .iter()
+            .filter(|e| result.is_err() || e.error().is_err())
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(offset) => {
+                    Some((TopicPartition::new(e.topic(), e.partition()), offset))
+                }
+                _ => None,
+            })
+            .collect();
+        if failed.is_empty() {
+            return;
         }
+        match &result {
+            Err(error) => {
+                tracing::warn!(%error, partitions = failed.len(), "offset commit failed; sending it again")
+            }
+            Ok(()) => tracing::warn!(
+                partitions = failed.len(),
+                "offset commit failed for some partitions; sending it again"
+            ),
+        }
+        self.commits()
+            .retries
+            .failed(&failed, std::time::Instant::now());
     }
 }
 
@@ -285,6 +196,7 @@ pub struct ConsumerLinks {
     pub health: Arc<Health>,
     pub in_flight: Arc<InFlight>,
     pub max_in_flight_bytes: u64,
+    pub revocation: Arc<RevocationSignal>,
 }
 
 /// Builds the consumer and subscribes to the configured topics.
@@ -319,6 +231,8 @@ pub fn create(
         // Bound what librdkafka prefetches (memory) while keeping batches fed.
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.max.bytes", "8388608")
+        // The largest (decompressed) record batch we accept; the DLQ producer is sized from it.
+        .set("receive.message.max.bytes", MAX_RECEIVED_BYTES.to_string())
         // A full prefetch queue postpones the partition's next fetch by this much (1 s by
         // default): after a short stall the queue would run dry long before the fetcher woke.
         .set("fetch.queue.backoff.ms", "20")
@@ -332,13 +246,19 @@ pub fn create(
         config.set("sasl.password", password.expose_secret());
     }
     let context = PipelineContext {
-        events: links.events,
-        held: Mutex::new(VecDeque::new()),
-        paused: AtomicBool::new(false),
+        handoff: Handoff::new(
+            links.events,
+            links.in_flight.clone(),
+            links.health.clone(),
+            links.revocation,
+        ),
+        backpressure: Backpressure::new(
+            links.in_flight,
+            links.max_in_flight_bytes,
+            settings.batch_size,
+        ),
+        commits: Mutex::new(CommitState::default()),
         health: links.health,
-        in_flight: links.in_flight,
-        max_in_flight_bytes: i64::try_from(links.max_in_flight_bytes).unwrap_or(i64::MAX),
-        pause_after_held: settings.batch_size,
     };
     let consumer: BaseConsumer<PipelineContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -363,7 +283,8 @@ pub fn spawn_poll_thread(
                 while let Ok(command) = commands.try_recv() {
                     run_command(&consumer, command);
                 }
-                if !context.deliver_held() {
+                resend_failed_commits(&consumer);
+                if !context.handoff.deliver_held() {
                     break;
                 }
                 // Short stalls (a busy writer) just stop polling: librdkafka's bounded prefetch
@@ -371,30 +292,29 @@ pub fn spawn_poll_thread(
                 // fetcher asleep for up to a second. Only a stall that lasts (an open circuit)
                 // pauses the partitions, so that polling — rebalances, max.poll.interval.ms —
                 // goes on while Kafka holds the backlog.
-                if context.backpressured() {
+                let held = context.handoff.held_len();
+                if context.backpressure.wanted(held) {
                     let since = *pressed_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() < PAUSE_AFTER_STALL
-                        && !context.paused.load(Ordering::Relaxed)
-                    {
+                    if since.elapsed() < PAUSE_AFTER_STALL && !context.backpressure.is_paused() {
                         std::thread::sleep(Duration::from_millis(2));
                         continue;
                     }
-                    context.apply_backpressure(&consumer, true);
+                    context.backpressure.apply(&consumer, true);
                 } else {
                     pressed_since = None;
-                    context.apply_backpressure(&consumer, false);
+                    context.backpressure.apply(&consumer, false);
                 }
                 // While held events wait, poll briefly so they are handed over as soon as there is room.
-                let timeout = if context.held().is_empty() { 50 } else { 5 };
+                let timeout = if held == 0 { 50 } else { 5 };
                 match consumer.poll(Duration::from_millis(timeout)) {
                     None => {}
                     Some(Ok(message)) => {
                         let record = SourceRecord::from_message(&message);
                         drop(message);
-                        context.hold(ConsumerEvent::Record(record));
+                        context.handoff.hold(ConsumerEvent::Record(record));
                     }
                     Some(Err(error)) if is_fatal(&error) => {
-                        context.hold(ConsumerEvent::Fatal(error));
+                        context.handoff.hold(ConsumerEvent::Fatal(error));
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "kafka consumer error; librdkafka retries by itself")
@@ -404,10 +324,7 @@ pub fn spawn_poll_thread(
             while let Ok(command) = commands.try_recv() {
                 run_command(&consumer, command);
             }
-            // Records still held were never handed over: not tracked, so never committed.
-            context
-                .held()
-                .retain(|event| !matches!(event, ConsumerEvent::Record(_)));
+            context.handoff.drop_records();
             tracing::info!("leaving the consumer group");
             drop(consumer);
         })
@@ -415,22 +332,39 @@ pub fn spawn_poll_thread(
 
 fn run_command(consumer: &BaseConsumer<PipelineContext>, command: ConsumerCommand) {
     match command {
-        ConsumerCommand::Commit(offsets) => {
-            // A commit queued before a revocation must not land after the revocation's final
-            // commit and move the partition back for its new owner.
-            let owned = consumer.assignment().unwrap_or_default();
-            let offsets: Vec<_> = offsets
-                .into_iter()
-                .filter(|(tp, _)| owned.find_partition(&tp.topic, tp.partition).is_some())
-                .collect();
-            if offsets.is_empty() {
-                return;
-            }
-            metrics().offsets_committed.inc_by(offsets.len() as u64);
-            if let Err(error) = consumer.commit(&to_list(&offsets), CommitMode::Async) {
-                tracing::warn!(%error, "offset commit could not be queued");
-            }
+        ConsumerCommand::Commit(commits) => {
+            let offsets = consumer.context().commits().assignments.current(commits);
+            commit_async(consumer, &offsets);
         }
+    }
+}
+
+/// Sends again the async commits that failed, for partitions still assigned.
+fn resend_failed_commits(consumer: &BaseConsumer<PipelineContext>) {
+    let due = consumer
+        .context()
+        .commits()
+        .retries
+        .take_due(std::time::Instant::now());
+    if !due.is_empty() {
+        tracing::info!(offsets = %describe_offsets(&due), "sending failed offset commits again");
+        commit_async(consumer, &due);
+    }
+}
+
+fn commit_async(consumer: &BaseConsumer<PipelineContext>, offsets: &[(TopicPartition, i64)]) {
+    if offsets.is_empty() {
+        return;
+    }
+    consumer.context().commits().retries.sent(offsets);
+    metrics().offsets_committed.inc_by(offsets.len() as u64);
+    if let Err(error) = consumer.commit(&to_list(offsets), CommitMode::Async) {
+        tracing::warn!(%error, "offset commit could not be queued; sending it again");
+        consumer
+            .context()
+            .commits()
+            .retries
+            .failed(offsets, std::time::Instant::now());
     }
 }
 

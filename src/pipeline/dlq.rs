@@ -1,17 +1,56 @@
 //! The dead-letter topic: where an event that cannot be stored is parked, byte for byte, with
 //! headers that say why. A dead letter counts as handled only once the broker has acknowledged
 //! it (idempotent producer, `acks=all`), so the commit that passes its offset never outruns it.
+//!
+//! The producer is sized for the largest record the consumer can receive (a record the broker
+//! took compressed may be far larger once decompressed), and start-up refuses a DLQ topic whose
+//! `max.message.bytes` is below the source topics'. A send the broker or the producer refuses
+//! for good (a missing topic, an ACL, a record still too large, a fatal idempotence error)
+//! opens the DLQ circuit: `/ready` turns 503 and nothing is committed past the record, while
+//! the send is retried every cool-down until the cause is fixed.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 use super::record::SourceRecord;
 use crate::config::KafkaSettings;
+use crate::resilience::CircuitBreaker;
+
+/// The largest record batch the consumer accepts, decompressed (librdkafka's
+/// `receive.message.max.bytes`, its default made explicit): the consumer sets it, and the DLQ
+/// producer is sized from it, so anything the consumer can hand over can be parked.
+pub const MAX_RECEIVED_BYTES: usize = 100_000_000;
+
+/// Room for a dead letter's headers (the original ones and ours) above its payload.
+const HEADER_ALLOWANCE: usize = 1 << 20;
+
+/// Why the DLQ cannot be used as configured (start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum DlqCheckError {
+    #[error(
+        "KAFKA_DLQ_TOPIC {dlq_topic} accepts records of at most {dlq_max} bytes \
+         (max.message.bytes), but topic {source_topic} accepts {source_max}: a dead letter of \
+         it could not be parked. Raise the DLQ topic's max.message.bytes to at least {source_max}"
+    )]
+    TooSmall {
+        dlq_topic: String,
+        dlq_max: u64,
+        source_topic: String,
+        source_max: u64,
+    },
+    #[error("KAFKA_DLQ_TOPIC {0} does not exist; create it before starting")]
+    Missing(String),
+    #[error("cannot read topic configurations from the brokers: {0}")]
+    Unreachable(#[source] KafkaError),
+}
 
 /// Why an event was dead-lettered (header `dlq.error.class`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,10 +124,13 @@ pub struct DeadLetter {
 /// Produces dead letters and waits for their acknowledgement.
 #[derive(Clone)]
 pub struct DlqProducer {
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (the idempotent producer is then unusable).
+    producer: Arc<RwLock<FutureProducer>>,
+    config: ClientConfig,
     topic: String,
     group: String,
     instance: String,
+    breaker: Arc<CircuitBreaker>,
 }
 
 /// How long one produce attempt may take before it is retried; a failed DLQ write blocks the
@@ -97,7 +139,12 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl DlqProducer {
     /// Creates the idempotent producer with the consumer's connection and security settings.
-    pub fn new(settings: &KafkaSettings, instance_id: &str) -> Result<Self, KafkaError> {
+    /// `breaker` is the DLQ circuit (opened by a refusal that retrying cannot fix).
+    pub fn new(
+        settings: &KafkaSettings,
+        instance_id: &str,
+        breaker: Arc<CircuitBreaker>,
+    ) -> Result<Self, KafkaError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", settings.brokers.join(","))
@@ -119,12 +166,50 @@ impl DlqProducer {
                 secrecy::ExposeSecret::expose_secret(password),
             );
         }
+        // Checked locally against the *uncompressed* record: librdkafka's 1,000,000-byte default
+        // refused for ever a record the broker had taken compressed. After the pass-through
+        // properties, so they cannot undersize it.
+        let received = settings
+            .client_properties
+            .get("receive.message.max.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(MAX_RECEIVED_BYTES);
+        config.set(
+            "message.max.bytes",
+            (received + HEADER_ALLOWANCE).min(1_000_000_000).to_string(),
+        );
         Ok(Self {
-            producer: config.create()?,
+            producer: Arc::new(RwLock::new(config.create()?)),
+            config,
             topic: settings.dlq_topic.clone(),
             group: settings.group_id.clone(),
             instance: instance_id.to_owned(),
+            breaker,
         })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// After a fatal error librdkafka refuses every later send: start a new producer.
+    fn replace_if_fatal(&self, used: &FutureProducer) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        tracing::error!(?code, %reason, "the DLQ producer hit a fatal error; starting a new one");
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                *self
+                    .producer
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+            }
+            Err(error) => tracing::error!(%error, "cannot start a new DLQ producer"),
+        }
     }
 
     /// The DLQ topic name.
@@ -150,30 +235,57 @@ impl DlqProducer {
             if let Some(payload) = letter.record.payload.as_deref() {
                 record = record.payload(payload);
             }
-            let attempt = self.producer.send(record, DELIVERY_TIMEOUT);
+            let producer = self.producer();
+            let attempt = producer.send(record, DELIVERY_TIMEOUT);
             let result = tokio::select! {
                 result = attempt => result,
                 () = cancel.cancelled() => return Err(DlqError::Cancelled),
             };
-            match result {
-                Ok(_) => return Ok(()),
-                Err((error, _)) => {
-                    tracing::warn!(
+            let error = match result {
+                Ok(_) => {
+                    if self.breaker.state() != crate::resilience::CircuitState::Closed {
+                        self.breaker.record_success();
+                    }
+                    return Ok(());
+                }
+                Err((error, _)) => error,
+            };
+            let permanent = is_permanent(&error);
+            if permanent {
+                // Retrying the same record will not help until an operator acts: say so where
+                // it is seen (/ready, the circuit gauge, its alert) and keep the commit back.
+                if self.breaker.state() == crate::resilience::CircuitState::Closed {
+                    tracing::error!(
                         topic = %letter.record.topic,
                         partition = letter.record.partition,
                         offset = letter.record.offset,
                         dlq_topic = %self.topic,
                         %error,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "DLQ produce failed; the commit waits until it succeeds"
+                        "the DLQ refuses the record; nothing is committed past it until this is fixed"
                     );
                 }
+                self.breaker.trip();
+                self.replace_if_fatal(&producer);
             }
+            tracing::warn!(
+                topic = %letter.record.topic,
+                partition = letter.record.partition,
+                offset = letter.record.offset,
+                dlq_topic = %self.topic,
+                %error,
+                permanent,
+                retry_in_ms = delay.as_millis() as u64,
+                "DLQ produce failed; the commit waits until it succeeds"
+            );
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = cancel.cancelled() => return Err(DlqError::Cancelled),
             }
-            delay = (delay * 2).min(Duration::from_secs(10));
+            delay = (delay * 2).min(if permanent {
+                self.breaker.cooldown()
+            } else {
+                Duration::from_secs(10)
+            });
         }
     }
 
@@ -212,9 +324,96 @@ impl DlqProducer {
 
     /// Waits for queued messages (shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Err(error) = self.producer.flush(timeout) {
+        if let Err(error) = self.producer().flush(timeout) {
             tracing::warn!(%error, "DLQ producer did not flush in time");
         }
+    }
+}
+
+/// Produce errors that no retry of the same record fixes: the record is too large for the
+/// producer or the topic, the topic is missing or not ours to write, or the idempotent producer
+/// failed for good.
+fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
+                | Code::UnknownTopic
+                | Code::UnknownTopicOrPartition
+                | Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::TransactionalIdAuthorizationFailed
+                | Code::Fatal
+                | Code::InvalidProducerEpoch
+                | Code::ProducerFenced
+                | Code::OutOfOrderSequenceNumber
+                | Code::UnsupportedForMessageFormat
+                | Code::PolicyViolation
+        )
+    )
+}
+
+/// Reads `max.message.bytes` of the DLQ topic and of the source topics, and refuses a DLQ that
+/// could not hold what the source topics accept. Source topics that do not exist yet are
+/// skipped (the consumer waits for them).
+pub async fn check_topic_sizes(settings: &KafkaSettings) -> Result<(), DlqCheckError> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", settings.brokers.join(","));
+    for (name, value) in &settings.client_properties {
+        config.set(name, value);
+    }
+    if let Some(password) = &settings.sasl_password {
+        config.set(
+            "sasl.password",
+            secrecy::ExposeSecret::expose_secret(password),
+        );
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(DlqCheckError::Unreachable)?;
+    let topics: Vec<&str> = std::iter::once(settings.dlq_topic.as_str())
+        .chain(settings.topics.iter().map(String::as_str))
+        .collect();
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let results = admin
+        .describe_configs(
+            &specifiers,
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .map_err(DlqCheckError::Unreachable)?;
+    let mut sizes = Vec::with_capacity(topics.len());
+    for (topic, result) in topics.iter().zip(results) {
+        let size = match result {
+            Ok(resource) => resource
+                .get("max.message.bytes")
+                .and_then(|entry| entry.value.as_deref())
+                .and_then(|v| v.parse::<u64>().ok()),
+            Err(RDKafkaErrorCode::UnknownTopicOrPartition) => None,
+            Err(code) => {
+                return Err(DlqCheckError::Unreachable(KafkaError::AdminOp(code)));
+            }
+        };
+        sizes.push((*topic, size));
+    }
+    let Some(dlq_max) = sizes[0].1 else {
+        return Err(DlqCheckError::Missing(settings.dlq_topic.clone()));
+    };
+    let largest = sizes[1..]
+        .iter()
+        .filter_map(|(topic, size)| Some((*topic, (*size)?)))
+        .max_by_key(|(_, size)| *size);
+    match largest {
+        Some((topic, source_max)) if source_max > dlq_max => Err(DlqCheckError::TooSmall {
+            dlq_topic: settings.dlq_topic.clone(),
+            dlq_max,
+            source_topic: topic.to_owned(),
+            source_max,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -10,9 +10,13 @@
 //! stops the poll thread, which stops fetching. A topic that is only briefly slower parks a few
 //! batches instead, so the other topics' records behind it keep flowing.
 
+pub mod backpressure;
 pub mod batcher;
+pub mod commits;
 pub mod consumer;
 pub mod dlq;
+pub mod handoff;
+pub mod immudb_write;
 pub mod offsets;
 pub mod record;
 pub mod writer;
@@ -31,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use self::batcher::{Batch, Batcher};
 use self::consumer::{ConsumerCommand, ConsumerEvent, InFlight};
 use self::dlq::{DeadLetter, DlqProducer, ErrorClass, Stage};
+use self::handoff::RevocationSignal;
 use self::offsets::{OffsetTracker, TopicPartition};
 use self::record::SourceRecord;
 use self::writer::{BatchItem, StoreContext, ValidEvent};
@@ -77,6 +82,13 @@ pub struct Shared {
     pub trust: Option<Arc<crate::trust::Trust>>,
 }
 
+/// How long a revocation may take to drain its partitions before it answers with the positions
+/// reached: half the session timeout (the new owner waits for it), and never more than the
+/// shutdown timeout.
+pub fn revocation_budget(settings: &Settings) -> Duration {
+    (settings.kafka.session_timeout / 2).min(settings.shutdown_timeout)
+}
+
 /// Runs until `shutdown` fires (then drains, commits and leaves the group) or a fatal error.
 pub async fn run(
     settings: &Settings,
@@ -88,11 +100,13 @@ pub async fn run(
     let (events_tx, events) = mpsc::channel(kafka.batch_size * 2);
     let (commands_tx, commands) = mpsc::channel(64);
     let in_flight = Arc::new(InFlight::default());
+    let revocation = Arc::new(RevocationSignal::default());
     let links = consumer::ConsumerLinks {
         events: events_tx,
         health: shared.health.clone(),
         in_flight: in_flight.clone(),
         max_in_flight_bytes: settings.pipeline.max_in_flight_bytes,
+        revocation: revocation.clone(),
     };
     let consumer = consumer::create(kafka, &settings.instance_id, links)?;
     let stop_polling = CancellationToken::new();
@@ -100,7 +114,26 @@ pub async fn run(
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let (progress, progress_rx) = watch::channel(0u64);
+    // One deadline for the whole drain, counted from the signal: every wait that is still
+    // pending when it passes (a revocation, a store behind an open circuit, an unconfirmed DLQ
+    // write) is abandoned uncommitted and redelivered after the restart.
     let hard_stop = CancellationToken::new();
+    let stop_deadline = Arc::new(std::sync::OnceLock::<Instant>::new());
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        let hard_stop = hard_stop.clone();
+        let stop_deadline = stop_deadline.clone();
+        let timeout = settings.shutdown_timeout;
+        async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = hard_stop.cancelled() => return,
+            }
+            let deadline = *stop_deadline.get_or_init(|| Instant::now() + timeout);
+            tokio::time::sleep_until(deadline).await;
+            hard_stop.cancel();
+        }
+    });
     let store = Arc::new(StoreContext {
         trust: shared.trust.clone(),
         immudb_breaker: shared.immudb_breaker.clone(),
@@ -135,6 +168,8 @@ pub async fn run(
         invalid_runs: HashMap::new(),
         parked: HashMap::new(),
         interrupt: shutdown.clone(),
+        hard_stop: hard_stop.clone(),
+        revocation,
     };
     let outcome = dispatcher.consume(events, &shutdown).await;
     let (mut events, stop_reason) = match outcome {
@@ -143,19 +178,21 @@ pub async fn run(
     };
 
     // Drain: stop fetching, store what is in flight, answer the final revocation (the close of
-    // the consumer) with the positions reached, and wait until the poll thread has left. One
-    // deadline bounds it all: when it passes, whatever still waits (an open circuit, an
-    // unconfirmed DLQ write) is abandoned uncommitted and redelivered after the restart.
+    // the consumer) with the positions reached, and wait until the poll thread has left, all
+    // within the deadline counted from the signal (or from now after a fatal error).
     shared.health.set_stopping();
     stop_polling.cancel();
-    let deadline = Instant::now() + settings.shutdown_timeout;
-    tokio::spawn({
-        let hard_stop = hard_stop.clone();
-        async move {
-            tokio::time::sleep_until(deadline).await;
-            hard_stop.cancel();
-        }
-    });
+    let deadline = *stop_deadline.get_or_init(|| Instant::now() + settings.shutdown_timeout);
+    if !shutdown.is_cancelled() {
+        // A fatal error: start the deadline here.
+        tokio::spawn({
+            let hard_stop = hard_stop.clone();
+            async move {
+                tokio::time::sleep_until(deadline).await;
+                hard_stop.cancel();
+            }
+        });
+    }
     dispatcher.interrupt = hard_stop.clone();
     dispatcher.flush_all().await;
     dispatcher.writers.clear();
@@ -163,6 +200,10 @@ pub async fn run(
     let mut writers_done = std::pin::pin!(tasks.wait());
     let mut finished = false;
     let mut parked_revocations: Vec<(Vec<TopicPartition>, oneshot::Sender<_>)> = Vec::new();
+    // The final revocation comes when the poll thread closes the consumer; the loop ends when
+    // the poll thread drops its end of the channel, or after the deadline plus a grace for
+    // librdkafka's close.
+    let give_up = deadline + POLL_THREAD_GRACE;
     loop {
         tokio::select! {
             () = &mut writers_done, if !finished => {
@@ -177,6 +218,10 @@ pub async fn run(
                 for (partitions, reply) in parked_revocations.drain(..) {
                     let _ = reply.send(dispatcher.release(&partitions));
                 }
+            }
+            () = tokio::time::sleep_until(give_up) => {
+                tracing::warn!("the Kafka consumer did not close in time; leaving without it");
+                break;
             }
             event = events.recv() => match event {
                 None => break,
@@ -195,13 +240,24 @@ pub async fn run(
         let _ = tokio::time::timeout_at(deadline, tasks.wait()).await;
         hard_stop.cancel();
     }
-    let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
+    // A poll thread stuck in librdkafka (a close that cannot reach the coordinator) must not
+    // hold the exit: it is left behind once the grace has passed.
+    while !poll_thread.is_finished() && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !poll_thread.is_finished() {
+        tracing::warn!("the Kafka poll thread did not finish in time; exiting without it");
+    }
     tracing::info!("consumer stopped");
     match stop_reason {
         Some(error) => Err(error),
         None => Ok(()),
     }
 }
+
+/// How long after the drain deadline the close of the Kafka consumer (its final commit and
+/// leaving the group) may still take.
+const POLL_THREAD_GRACE: Duration = Duration::from_secs(3);
 
 /// Turns records into batches and hands them to the per-topic writers.
 struct Dispatcher<'a> {
@@ -220,6 +276,10 @@ struct Dispatcher<'a> {
     /// Abandons a dispatch waiting on a full writer queue: the shutdown signal while consuming,
     /// the drain deadline while draining. An abandoned batch stays uncommitted.
     interrupt: CancellationToken,
+    /// The drain deadline (from the shutdown signal): bounds a revocation too.
+    hard_stop: CancellationToken,
+    /// Raised by the poll thread while a revocation waits behind the records it already holds.
+    revocation: Arc<RevocationSignal>,
 }
 
 type ConsumeResult =
@@ -254,7 +314,12 @@ impl Dispatcher<'_> {
                         }
                     }
                     Some(ConsumerEvent::Revoked { partitions, reply }) => self.revoke(partitions, reply).await,
-                    Some(ConsumerEvent::Assigned(_)) => {}
+                    Some(ConsumerEvent::Assigned(epochs)) => {
+                        let mut tracker = self.tracker();
+                        for (tp, epoch) in &epochs {
+                            tracker.assign(tp, *epoch);
+                        }
+                    }
                     Some(ConsumerEvent::Fatal(error)) => return Err((events, error.into())),
                     None => return Ok(events),
                 },
@@ -375,24 +440,31 @@ impl Dispatcher<'_> {
                 Ok(())
             }
             () = self.interrupt.cancelled() => Ok(()),
+            // The revocation queued behind this record must be answered first; the parking
+            // grows past its cap meanwhile by what the poll thread already holds.
+            () = self.revocation.raised() => Ok(()),
         }
     }
 
-    /// Sends all of the topic's parked batches in order, waiting for room in its writer's queue
-    /// (or until the interrupt: abandoned batches stay uncommitted and are redelivered).
-    async fn unpark(&mut self, topic: &str) -> Result<(), PipelineError> {
-        let Some(queue) = self.parked.remove(topic) else {
-            return Ok(());
+    /// Sends the topic's parked batches in order, waiting for room in its writer's queue, until
+    /// `until` (or the interrupt): what is still parked then stays parked, uncommitted.
+    async fn unpark(&mut self, topic: &str, until: Instant) -> Result<(), PipelineError> {
+        let Some(writer) = self.writers.get(topic).cloned() else {
+            return match self.parked.contains_key(topic) {
+                true => Err(PipelineError::WriterGone {
+                    topic: topic.to_owned(),
+                }),
+                false => Ok(()),
+            };
         };
-        let Some(writer) = self.writers.get(topic) else {
-            return Err(PipelineError::WriterGone {
-                topic: topic.to_owned(),
-            });
-        };
-        for batch in queue {
+        while self.parked.contains_key(topic) {
             tokio::select! {
-                sent = writer.send(batch) => sent.map_err(|_| PipelineError::WriterGone { topic: topic.to_owned() })?,
+                permit = writer.clone().reserve_owned() => {
+                    let permit = permit.map_err(|_| PipelineError::WriterGone { topic: topic.to_owned() })?;
+                    self.send_parked(topic, permit);
+                }
                 () = self.interrupt.cancelled() => return Ok(()),
+                () = tokio::time::sleep_until(until) => return Ok(()),
             }
         }
         Ok(())
@@ -429,41 +501,71 @@ impl Dispatcher<'_> {
             }
         }
         let topics: Vec<String> = self.parked.keys().cloned().collect();
+        let until = Instant::now() + self.settings.shutdown_timeout;
         for topic in topics {
-            if let Err(error) = self.unpark(&topic).await {
+            if let Err(error) = self.unpark(&topic, until).await {
                 tracing::error!(%error, "cannot flush during shutdown");
             }
         }
     }
 
-    /// Drains the revoked partitions (bounded by the shutdown timeout), then answers with the
-    /// offsets to commit for them and forgets them.
+    /// Drains the revoked partitions within the revocation budget (and the drain deadline when
+    /// stopping), then answers with the offsets to commit for them and forgets them. What did
+    /// not drain in time stays uncommitted: its parked batches are dropped here and the next
+    /// owner consumes it again (the stores recognise what was already written).
     async fn revoke(
         &mut self,
         partitions: Vec<TopicPartition>,
         reply: oneshot::Sender<Vec<(TopicPartition, i64)>>,
     ) {
+        self.revocation.clear();
+        let until = Instant::now() + revocation_budget(self.settings);
         let topics: HashSet<String> = partitions.iter().map(|tp| tp.topic.clone()).collect();
         for topic in &topics {
             let flushed = match self.batcher.take(topic) {
                 Some(batch) => self.dispatch(batch).await,
                 None => Ok(()),
             };
-            if let Err(error) = flushed.and(self.unpark(topic).await) {
+            if let Err(error) = flushed.and(self.unpark(topic, until).await) {
                 tracing::error!(%error, "cannot flush a revoked partition's batch");
             }
         }
-        let drained = wait_for(&mut self.progress, self.settings.shutdown_timeout, || {
-            let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            partitions.iter().all(|tp| tracker.pending_in(tp) == 0)
-        })
-        .await;
+        let drained = tokio::select! {
+            drained = wait_for(&mut self.progress, until, || {
+                let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                partitions.iter().all(|tp| tracker.pending_in(tp) == 0)
+            }) => drained,
+            () = self.hard_stop.cancelled() => false,
+        };
         if !drained {
             tracing::warn!(
+                partitions = partitions.len(),
                 "revoked partitions did not drain in time; their unfinished events will be redelivered to the new owner"
             );
+            self.drop_parked(&partitions);
         }
         let _ = reply.send(self.release(&partitions));
+    }
+
+    /// Drops the parked (not yet written) events of `partitions`: they will not be committed by
+    /// this member, and their new owner consumes them again.
+    fn drop_parked(&mut self, partitions: &[TopicPartition]) {
+        let revoked: HashSet<&TopicPartition> = partitions.iter().collect();
+        let mut released = 0;
+        for queue in self.parked.values_mut() {
+            for batch in queue.iter_mut() {
+                batch.items.retain(|item| {
+                    let keep = !revoked.contains(&item.topic_partition());
+                    if !keep {
+                        released += item.payload_len();
+                    }
+                    keep
+                });
+            }
+            queue.retain(|batch| !batch.items.is_empty());
+        }
+        self.parked.retain(|_, queue| !queue.is_empty());
+        self.store.in_flight.sub(released);
     }
 
     /// The commit positions of `partitions`, which are then forgotten.
@@ -550,13 +652,12 @@ async fn commit_progress(
     }
 }
 
-/// Waits until `done()` holds, re-checking after every batch, for at most `timeout`.
+/// Waits until `done()` holds, re-checking after every batch, at the latest until `deadline`.
 async fn wait_for(
     progress: &mut watch::Receiver<u64>,
-    timeout: Duration,
+    deadline: Instant,
     mut done: impl FnMut() -> bool,
 ) -> bool {
-    let deadline = Instant::now() + timeout;
     loop {
         if done() {
             return true;

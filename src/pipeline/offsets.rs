@@ -5,9 +5,12 @@
 //! the last received offset when none is pending: Kafka's commit means "everything below this
 //! is done", so a gap left by a slow batch holds the commit back however far later batches got.
 //!
-//! Each assignment of a partition gets a fresh epoch. A completion that carries an old epoch
-//! (its partition was revoked and maybe re-assigned meanwhile) is ignored, so a stale batch can
-//! never move the new owner's offsets.
+//! Each assignment of a partition carries an epoch (given by the poll thread when it is
+//! assigned). A completion that carries an old epoch (its partition was revoked and maybe
+//! re-assigned meanwhile) is ignored, so a stale batch can never move the new owner's offsets;
+//! commits carry the epoch too, and the poll thread drops those of an assignment that ended.
+//!
+//! The commit rule itself — which events let their offset go — is [`Settlement`].
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -33,6 +36,28 @@ impl std::fmt::Display for TopicPartition {
     }
 }
 
+/// How an event left the pipeline, as the commit rule sees it. Only an event durably stored in
+/// both stores (or already there), or acknowledged by the DLQ, releases its offset; anything
+/// else keeps it pending, which holds back every later offset of its partition until the
+/// event is redelivered (after a restart or to the partition's next owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// In immudb and PostgreSQL (written now or found there).
+    Stored,
+    /// Acknowledged by the DLQ (`acks=all`).
+    DeadLettered,
+    /// Neither: abandoned at shutdown, held behind the tamper latch, or a DLQ write that was
+    /// not confirmed.
+    Unsettled,
+}
+
+impl Settlement {
+    /// Whether the event's offset may be committed.
+    pub fn releases_offset(self) -> bool {
+        matches!(self, Settlement::Stored | Settlement::DeadLettered)
+    }
+}
+
 /// Identifies one received event for its completion: where it is and under which assignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OffsetTicket {
@@ -44,16 +69,25 @@ pub struct OffsetTicket {
 struct PartitionState {
     epoch: u64,
     pending: BTreeSet<i64>,
-    /// One past the highest offset received.
-    next: i64,
+    /// One past the highest offset received (`None` until the first record of the assignment).
+    next: Option<i64>,
     /// The last position handed out for commit.
     committed: Option<i64>,
 }
 
 impl PartitionState {
-    fn committable(&self) -> i64 {
-        self.pending.first().copied().unwrap_or(self.next)
+    fn committable(&self) -> Option<i64> {
+        self.pending.first().copied().or(self.next)
     }
+}
+
+/// A position to commit, under the assignment it was reached in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Commit {
+    pub partition: TopicPartition,
+    /// The next offset to consume (Kafka's convention).
+    pub offset: i64,
+    pub epoch: u64,
 }
 
 /// Offsets in flight per partition. Not thread-safe by itself; the pipeline wraps it in a mutex
@@ -61,7 +95,6 @@ impl PartitionState {
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     partitions: HashMap<TopicPartition, PartitionState>,
-    next_epoch: u64,
 }
 
 impl OffsetTracker {
@@ -69,26 +102,57 @@ impl OffsetTracker {
         Self::default()
     }
 
-    /// Records an offset handed to the pipeline and returns its ticket. Offsets of a partition
-    /// arrive in order; the first one after an assignment opens a new epoch.
-    pub fn received(&mut self, tp: &TopicPartition, offset: i64) -> OffsetTicket {
-        let next_epoch = &mut self.next_epoch;
-        let state = self.partitions.entry(tp.clone()).or_insert_with(|| {
-            *next_epoch += 1;
+    /// A partition was assigned under `epoch`: its records are tracked from now on.
+    pub fn assign(&mut self, tp: &TopicPartition, epoch: u64) {
+        self.partitions.insert(
+            tp.clone(),
             PartitionState {
-                epoch: *next_epoch,
+                epoch,
                 pending: BTreeSet::new(),
-                next: offset,
-                // Where consumption resumed is already the group's position: nothing to commit.
-                committed: Some(offset),
-            }
-        });
+                next: None,
+                committed: None,
+            },
+        );
+    }
+
+    /// Records an offset handed to the pipeline and returns its ticket. Offsets of a partition
+    /// arrive in order, after its assignment.
+    pub fn received(&mut self, tp: &TopicPartition, offset: i64) -> OffsetTicket {
+        let state = self
+            .partitions
+            .entry(tp.clone())
+            .or_insert_with(|| PartitionState {
+                // A record without an assignment event (not expected): an epoch no commit of
+                // a real assignment carries.
+                epoch: 0,
+                pending: BTreeSet::new(),
+                next: None,
+                committed: None,
+            });
+        if state.next.is_none() {
+            // Where consumption resumed is already the group's position: nothing to commit.
+            state.committed = Some(offset);
+        }
         state.pending.insert(offset);
-        state.next = state.next.max(offset + 1);
+        state.next = Some(state.next.map_or(offset + 1, |next| next.max(offset + 1)));
         OffsetTicket {
             epoch: state.epoch,
             offset,
         }
+    }
+
+    /// Applies the commit rule to the events of a finished batch: those that are settled
+    /// ([`Settlement::releases_offset`]) are done; the others stay pending. Returns how many
+    /// were released.
+    pub fn finish(
+        &mut self,
+        events: impl IntoIterator<Item = (TopicPartition, OffsetTicket, Settlement)>,
+    ) -> usize {
+        events
+            .into_iter()
+            .filter(|(_, _, settlement)| settlement.releases_offset())
+            .filter(|(tp, ticket, _)| self.completed(tp, *ticket))
+            .count()
     }
 
     /// Marks an offset durably handled. Returns false (and changes nothing) for a stale ticket.
@@ -99,24 +163,31 @@ impl OffsetTracker {
         }
     }
 
-    /// Positions that moved since the last call: `(partition, offset to commit)`, where the
-    /// offset is the next one to consume (Kafka's convention).
-    pub fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
+    /// Positions that moved since the last call, each under its assignment's epoch.
+    pub fn take_commits(&mut self) -> Vec<Commit> {
         let mut commits = Vec::new();
         for (tp, state) in &mut self.partitions {
-            let position = state.committable();
+            let Some(position) = state.committable() else {
+                continue;
+            };
             if state.committed.is_none_or(|done| position > done) {
                 state.committed = Some(position);
-                commits.push((tp.clone(), position));
+                commits.push(Commit {
+                    partition: tp.clone(),
+                    offset: position,
+                    epoch: state.epoch,
+                });
             }
         }
         commits.sort();
         commits
     }
 
-    /// The commit position of one partition, if it is tracked.
+    /// The commit position of one partition, if it is tracked and received anything.
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
-        self.partitions.get(tp).map(PartitionState::committable)
+        self.partitions
+            .get(tp)
+            .and_then(PartitionState::committable)
     }
 
     /// Events received but not yet handled, for one partition.
@@ -153,9 +224,17 @@ mod tests {
         TopicPartition::new("audit.system.v1", 0)
     }
 
+    fn positions(commits: Vec<Commit>) -> Vec<(TopicPartition, i64)> {
+        commits
+            .into_iter()
+            .map(|c| (c.partition, c.offset))
+            .collect()
+    }
+
     #[test]
     fn commits_only_the_contiguous_prefix() {
         let mut tracker = OffsetTracker::new();
+        tracker.assign(&tp(), 1);
         let tickets: Vec<_> = (10..15).map(|o| tracker.received(&tp(), o)).collect();
         assert!(tracker.take_commits().is_empty(), "nothing done yet");
         // 11 and 12 finish before 10: no progress past 10.
@@ -163,11 +242,11 @@ mod tests {
         assert!(tracker.completed(&tp(), tickets[2]));
         assert!(tracker.take_commits().is_empty());
         assert!(tracker.completed(&tp(), tickets[0]));
-        assert_eq!(tracker.take_commits(), vec![(tp(), 13)]);
+        assert_eq!(positions(tracker.take_commits()), vec![(tp(), 13)]);
         assert!(tracker.completed(&tp(), tickets[4]));
         assert!(tracker.take_commits().is_empty(), "13 still pending");
         assert!(tracker.completed(&tp(), tickets[3]));
-        assert_eq!(tracker.take_commits(), vec![(tp(), 15)]);
+        assert_eq!(positions(tracker.take_commits()), vec![(tp(), 15)]);
         assert_eq!(tracker.pending_total(), 0);
     }
 
@@ -175,18 +254,21 @@ mod tests {
     fn gaps_in_offsets_do_not_block() {
         // Compacted topics and transaction markers leave holes in the offset sequence.
         let mut tracker = OffsetTracker::new();
+        tracker.assign(&tp(), 1);
         let a = tracker.received(&tp(), 3);
         let b = tracker.received(&tp(), 7);
         tracker.completed(&tp(), a);
         tracker.completed(&tp(), b);
-        assert_eq!(tracker.take_commits(), vec![(tp(), 8)]);
+        assert_eq!(positions(tracker.take_commits()), vec![(tp(), 8)]);
     }
 
     #[test]
     fn stale_tickets_after_revoke_are_ignored() {
         let mut tracker = OffsetTracker::new();
+        tracker.assign(&tp(), 1);
         let old = tracker.received(&tp(), 5);
         tracker.revoke(&tp());
+        tracker.assign(&tp(), 2);
         let new = tracker.received(&tp(), 5);
         assert_ne!(old.epoch, new.epoch);
         assert!(
@@ -202,11 +284,49 @@ mod tests {
     fn partitions_are_independent() {
         let mut tracker = OffsetTracker::new();
         let other = TopicPartition::new("audit.financial.v1", 2);
+        tracker.assign(&tp(), 1);
+        tracker.assign(&other, 2);
         let slow = tracker.received(&tp(), 0);
         let fast = tracker.received(&other, 100);
         tracker.completed(&other, fast);
-        assert_eq!(tracker.take_commits(), vec![(other.clone(), 101)]);
+        assert_eq!(
+            positions(tracker.take_commits()),
+            vec![(other.clone(), 101)]
+        );
         tracker.completed(&tp(), slow);
-        assert_eq!(tracker.take_commits(), vec![(tp(), 1)]);
+        assert_eq!(positions(tracker.take_commits()), vec![(tp(), 1)]);
+    }
+
+    #[test]
+    fn only_settled_events_release_their_offsets() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(&tp(), 1);
+        let tickets: Vec<_> = (0..4).map(|o| tracker.received(&tp(), o)).collect();
+        let released = tracker.finish([
+            (tp(), tickets[0], Settlement::Stored),
+            (tp(), tickets[1], Settlement::DeadLettered),
+            (tp(), tickets[2], Settlement::Unsettled),
+            (tp(), tickets[3], Settlement::Stored),
+        ]);
+        assert_eq!(released, 3);
+        assert_eq!(
+            positions(tracker.take_commits()),
+            vec![(tp(), 2)],
+            "the unsettled event holds the partition's commit back"
+        );
+    }
+
+    #[test]
+    fn commits_carry_the_epoch_of_their_assignment() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(&tp(), 7);
+        let ticket = tracker.received(&tp(), 0);
+        tracker.completed(&tp(), ticket);
+        let commits = tracker.take_commits();
+        assert_eq!(commits[0].epoch, 7);
+        assert!(
+            tracker.take_commits().is_empty(),
+            "a position is handed out once"
+        );
     }
 }

@@ -1,29 +1,33 @@
-//! Stores one batch: immudb first (one transaction, the system of record), then PostgreSQL (one
-//! statement), then the dead letters; only then are the batch's offsets marked done.
+//! Stores one batch: immudb first (one verified transaction, the system of record), then
+//! PostgreSQL (one statement), then the dead letters; then the commit rule
+//! ([`Settlement`]) releases the offsets of what is settled.
 //!
-//! Redelivery is made harmless here. immudb writes carry `KeyMustNotExist` preconditions: when
-//! one fails, the keys that exist are read back and compared byte for byte with what we hold.
-//! The same bytes mean the event is already stored (its transaction id is reused for PG);
-//! different bytes are a conflict and go to the DLQ; the rest is written again.
+//! Two stages per topic: stage 1 writes batch n+1 to immudb while stage 2 replicates batch n to
+//! PostgreSQL. A batch's rows wait in stage 2 until its transaction is *settled* on the shared
+//! trusted state ([`Trust::settle`]). Once tampering is suspected, every batch of every topic is
+//! held (never written, never committed) until the process is restarted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::batcher::Batch;
 use super::consumer::InFlight;
 use super::dlq::{DeadLetter, DlqProducer, ErrorClass, Stage};
-use super::offsets::{OffsetTicket, OffsetTracker};
+use super::immudb_write::{Candidate, Hold, ImmudbWriter, Outcome};
+use super::offsets::{OffsetTicket, OffsetTracker, Settlement};
 use super::record::SourceRecord;
 use crate::event::AuditEvent;
-use crate::immudb::{ImmudbClient, ImmudbError, KeyValue};
+use crate::immudb::{ImmudbClient, ImmudbError};
 use crate::metrics::metrics;
 use crate::postgres::{self, ReplicaRow};
 use crate::resilience::{CircuitBreaker, Failure, RetryPolicy};
-use tracing::Instrument;
+use crate::trust::{Trust, TrustFailure};
 
 /// A decoded, valid event waiting in a batch.
 #[derive(Debug)]
@@ -34,6 +38,17 @@ pub struct ValidEvent {
     pub digest: [u8; 32],
 }
 
+impl ValidEvent {
+    fn candidate(&self) -> Candidate<'_> {
+        Candidate {
+            event_id: self.event.event_id,
+            audit_key: &self.immudb_key,
+            payload: self.record.payload_bytes(),
+            digest: &self.digest,
+        }
+    }
+}
+
 /// One entry of a batch: a valid event to store, or a record already judged a dead letter.
 #[derive(Debug)]
 pub enum BatchItem {
@@ -42,7 +57,8 @@ pub enum BatchItem {
 }
 
 impl BatchItem {
-    fn payload_len(&self) -> usize {
+    /// Payload bytes the item holds in flight.
+    pub fn payload_len(&self) -> usize {
         match self {
             BatchItem::Valid(event, _) => event.record.payload_bytes().len(),
             BatchItem::Dead(letter, _) => letter.record.payload_bytes().len(),
@@ -53,6 +69,14 @@ impl BatchItem {
         match self {
             BatchItem::Valid(event, _) => event.record.offset,
             BatchItem::Dead(letter, _) => letter.record.offset,
+        }
+    }
+
+    /// Where the item's record came from.
+    pub fn topic_partition(&self) -> super::offsets::TopicPartition {
+        match self {
+            BatchItem::Valid(event, _) => event.record.topic_partition(),
+            BatchItem::Dead(letter, _) => letter.record.topic_partition(),
         }
     }
 }
@@ -75,29 +99,92 @@ fn offset_range(items: &[BatchItem]) -> (i64, i64) {
     (low, high)
 }
 
-/// Feeds a store's breaker: a batch whose events all exhausted their retries at `stage` is a
-/// failure; one that got anything through is a success.
-fn record_outcome(breaker: &CircuitBreaker, fates: &[Fate], stage: Stage) {
-    let exhausted = fates.iter().any(
-        |f| matches!(f, Fate::Dead { class: ErrorClass::RetryExhausted, stage: s, .. } if *s == stage),
-    );
-    if exhausted {
-        breaker.record_failure();
-    } else {
-        breaker.record_success();
-    }
-}
-
 /// What happened to a batch, for logs and the caller's counters.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
     pub stored: usize,
     pub duplicates: usize,
     pub dead_letters: usize,
-    /// Events whose fate could not be confirmed (shutdown during a DLQ send); their offsets
-    /// stay uncommitted and they are redelivered.
+    /// Events whose fate could not be confirmed (held at shutdown or behind the tamper latch,
+    /// a DLQ send cut short); their offsets stay uncommitted and they are redelivered.
     pub unconfirmed: usize,
     pub immudb_tx: Option<u64>,
+}
+
+/// Why an event cannot be stored: what its dead letter's headers say.
+#[derive(Debug, Clone)]
+struct DeadCause {
+    class: ErrorClass,
+    stage: Stage,
+    kind: &'static str,
+    message: String,
+    attempts: u32,
+}
+
+/// The fate of one valid event as the batch moves through the stores.
+#[derive(Debug, Clone)]
+enum Fate {
+    Pending,
+    /// In immudb at this transaction (written now or found there with the same bytes).
+    InImmudb {
+        tx: u64,
+        written_now: bool,
+        /// Proven: its entries' inclusion and the transaction's consistency with the trusted
+        /// state.
+        verified: bool,
+    },
+    /// Same `event_id` as an earlier event of this batch, with the same bytes: follows it.
+    SameAs(usize),
+    /// A same-bytes copy of an earlier event of the batch that was stored.
+    Redelivered,
+    /// Neither stored nor dead-lettered (held at shutdown or behind the tamper latch): its
+    /// offset stays uncommitted and it is redelivered.
+    Abandoned,
+    Dead(DeadCause),
+}
+
+impl Fate {
+    fn from_outcome(outcome: Outcome) -> Fate {
+        let dead = |class, kind, message, attempts| {
+            Fate::Dead(DeadCause {
+                class,
+                stage: Stage::Immudb,
+                kind,
+                message,
+                attempts,
+            })
+        };
+        match outcome {
+            Outcome::Pending | Outcome::Held => Fate::Abandoned,
+            Outcome::Stored { tx, now, verified } => Fate::InImmudb {
+                tx,
+                written_now: now,
+                verified,
+            },
+            Outcome::Conflict(message) => dead(ErrorClass::Conflict, "conflict", message, 1),
+            Outcome::Invalid(message) => dead(ErrorClass::Invalid, "rejected", message, 1),
+            Outcome::Unavailable { message, attempts } => {
+                dead(ErrorClass::RetryExhausted, "unavailable", message, attempts)
+            }
+        }
+    }
+
+    fn settlement(&self) -> Settlement {
+        match self {
+            Fate::InImmudb { .. } | Fate::Redelivered => Settlement::Stored,
+            // Dead letters settle once the DLQ acknowledges them, not here.
+            Fate::Pending | Fate::SameAs(_) | Fate::Abandoned | Fate::Dead(_) => {
+                Settlement::Unsettled
+            }
+        }
+    }
+}
+
+/// A valid event of a batch with its offset ticket and its fate so far.
+struct Item {
+    event: ValidEvent,
+    ticket: OffsetTicket,
+    fate: Fate,
 }
 
 /// A batch between its two stages: written to immudb, waiting for PostgreSQL.
@@ -115,33 +202,28 @@ pub struct Staged {
     /// Time spent in the immudb write and the PostgreSQL write (queueing excluded).
     immudb_time: std::time::Duration,
     postgres_time: std::time::Duration,
-    valid: Vec<ValidEvent>,
-    tickets: Vec<OffsetTicket>,
+    items: Vec<Item>,
     dead: Vec<(DeadLetter, OffsetTicket)>,
-    fates: Vec<Fate>,
 }
 
-/// Gives up a whole group (shutdown while its store is unusable).
-fn abandon_group(fates: &mut [Fate], group: &[usize]) {
-    for &i in group {
-        fates[i] = Fate::Abandoned;
-    }
-}
-
-/// Gives up the events not settled yet (shutdown while a store is unusable): they stay
-/// uncommitted and are redelivered.
-fn abandon(fates: &mut [Fate]) {
-    for fate in fates.iter_mut() {
-        if matches!(fate, Fate::Pending | Fate::InImmudb { .. }) {
-            *fate = Fate::Abandoned;
+impl Staged {
+    fn abandon_unsettled(&mut self) {
+        for item in &mut self.items {
+            if matches!(item.fate, Fate::Pending | Fate::InImmudb { .. }) {
+                item.fate = Fate::Abandoned;
+            }
         }
+    }
+
+    fn any(&self, predicate: impl Fn(&Fate) -> bool) -> bool {
+        self.items.iter().any(|item| predicate(&item.fate))
     }
 }
 
 /// Everything a writer needs; shared by the per-topic writer tasks.
 pub struct StoreContext {
     /// The trusted immudb state when writes are verified (`IMMUDB_VERIFY`).
-    pub trust: Option<Arc<crate::trust::Trust>>,
+    pub trust: Option<Arc<Trust>>,
     pub immudb_breaker: Arc<CircuitBreaker>,
     pub pg_breaker: Arc<CircuitBreaker>,
     /// Payload bytes in flight; a finished batch gives its bytes back.
@@ -159,35 +241,21 @@ pub struct StoreContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     /// Bumped after every batch so the committer and revocation waiters look again.
     pub progress: watch::Sender<u64>,
-    /// Fires when the process must stop even if a DLQ write is still unconfirmed.
+    /// Fires when the process must stop even if a store or the DLQ is still unusable.
     pub hard_stop: CancellationToken,
 }
 
-/// The fate of one valid event as the batch moves through the stores.
-#[derive(Debug, Clone)]
-enum Fate {
-    Pending,
-    /// In immudb at this transaction (written now or found there with the same bytes).
-    InImmudb {
-        tx: u64,
-        written_now: bool,
-        /// Written with a verified transaction: inclusion and dual proof checked.
-        verified: bool,
-    },
-    /// Same key as an earlier event of this batch, with the same bytes: follows that one.
-    SameAs(usize),
-    /// A same-bytes copy of an earlier event of the batch that was stored.
-    Redelivered,
-    /// Given up at shutdown while a store was unusable: neither stored nor dead-lettered, so
-    /// its offset stays uncommitted and it is redelivered.
-    Abandoned,
-    Dead {
-        class: ErrorClass,
-        stage: Stage,
-        kind: String,
-        message: String,
-        attempts: u32,
-    },
+impl Hold for StoreContext {
+    /// Credentials, permissions, configuration: nothing about these events. Dead-lettering
+    /// would drain the stream, so the batch waits behind an open circuit whose probe is a
+    /// write permission check.
+    fn store_refused<'a>(&'a self, why: &'a ImmudbError) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            tracing::error!(error = %why, "immudb refuses the batch for a reason that is not its data; holding it");
+            self.immudb_breaker.trip();
+            self.immudb_available().await
+        })
+    }
 }
 
 impl StoreContext {
@@ -223,6 +291,24 @@ impl StoreContext {
                 BatchItem::Dead(letter, _) => letter.record.header_str("traceparent"),
             }),
         );
+        let mut valid = Vec::with_capacity(size);
+        let mut dead = Vec::new();
+        for item in batch.items {
+            match item {
+                BatchItem::Valid(event, ticket) => valid.push((*event, ticket)),
+                BatchItem::Dead(letter, ticket) => dead.push((*letter, ticket)),
+            }
+        }
+        let fates = mark_in_batch_duplicates(valid.iter().map(|(event, _)| event));
+        let items = valid
+            .into_iter()
+            .zip(fates)
+            .map(|((event, ticket), fate)| Item {
+                event,
+                ticket,
+                fate,
+            })
+            .collect();
         let mut staged = Staged {
             topic,
             size,
@@ -232,51 +318,93 @@ impl StoreContext {
             queued: std::time::Duration::ZERO,
             immudb_time: std::time::Duration::ZERO,
             postgres_time: std::time::Duration::ZERO,
-            valid: Vec::with_capacity(size),
-            tickets: Vec::with_capacity(size),
-            dead: Vec::new(),
-            fates: Vec::new(),
+            items,
+            dead,
         };
-        for item in batch.items {
-            match item {
-                BatchItem::Valid(event, ticket) => {
-                    staged.valid.push(*event);
-                    staged.tickets.push(ticket);
-                }
-                BatchItem::Dead(letter, ticket) => staged.dead.push((*letter, ticket)),
+        if staged.any(|fate| matches!(fate, Fate::Pending)) {
+            let span = staged.span.clone();
+            // Once tampering is suspected a batch is held before it takes a write slot, so
+            // every topic's writer meets the latch, not only those holding the slots.
+            if self.trust.as_deref().is_some_and(Trust::tampered) {
+                self.hold_if_latched().instrument(span).await;
+                staged.abandon_unsettled();
+                return staged;
             }
-        }
-        staged.fates = mark_in_batch_duplicates(&staged.valid);
-        if staged.fates.iter().any(|f| matches!(f, Fate::Pending)) {
             // The batch's clock starts with its first write. The time it spent parked, queued
             // for its topic's writer and waiting for an immudb slot is reported apart, as
             // `queued_ms`: it depends on the other topics' load, not on this batch.
-            let _slot = self.immudb_slots.acquire().await;
+            let slot = self.immudb_slots.acquire().await;
             staged.started = std::time::Instant::now();
             staged.queued = closed_at.elapsed();
-            let span = staged.span.clone();
-            self.immudb_stage(&mut staged).instrument(span).await;
+            let held = self
+                .immudb_stage(&mut staged)
+                .instrument(span.clone())
+                .await;
+            drop(slot);
+            if held {
+                self.hold_if_latched().instrument(span).await;
+            }
         }
         staged
     }
 
-    async fn immudb_stage(&self, staged: &mut Staged) {
+    /// Writes the batch's pending events; true when some were held (writes stopped).
+    async fn immudb_stage(&self, staged: &mut Staged) -> bool {
         // While immudb's circuit is open the batch waits here (it is not dead-lettered); the
         // full queues behind it pause the consumer.
         if !self.immudb_available().await {
-            abandon(&mut staged.fates);
-            return;
+            staged.abandon_unsettled();
+            return self.trust.as_deref().is_some_and(Trust::tampered);
         }
         let started = std::time::Instant::now();
-        self.write_immudb(&staged.valid, &mut staged.fates).await;
+        let pending: Vec<usize> = (0..staged.items.len())
+            .filter(|&i| matches!(staged.items[i].fate, Fate::Pending))
+            .collect();
+        let candidates: Vec<Candidate<'_>> = pending
+            .iter()
+            .map(|&i| staged.items[i].event.candidate())
+            .collect();
+        let writer = ImmudbWriter {
+            immudb: &self.immudb,
+            trust: self.trust.as_deref(),
+            retry: &self.retry,
+            hold: self,
+        };
+        let outcomes = writer.write(&candidates).await;
+        drop(candidates);
         staged.immudb_time = started.elapsed();
         metrics()
             .immudb_write_duration
             .observe(staged.immudb_time.as_secs_f64());
-        record_outcome(&self.immudb_breaker, &staged.fates, Stage::Immudb);
+        let held = outcomes.contains(&Outcome::Held);
+        let exhausted = outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Unavailable { .. }));
+        let reached = outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. }));
+        for (i, outcome) in pending.into_iter().zip(outcomes) {
+            staged.items[i].fate = Fate::from_outcome(outcome);
+        }
+        if exhausted {
+            self.immudb_breaker.record_failure();
+        } else if reached {
+            self.immudb_breaker.record_success();
+        }
+        held
     }
 
-    /// Stage 2 of a batch: PostgreSQL, the dead letters, then its offsets are marked done.
+    /// Once tampering is suspected, a batch is held here (neither written nor committed) until
+    /// the process stops; an operator restarts it after investigating.
+    async fn hold_if_latched(&self) {
+        let Some(trust) = self.trust.as_deref().filter(|trust| trust.tampered()) else {
+            return;
+        };
+        debug_assert!(trust.tampered());
+        tracing::error!("tamper suspected: holding the batch until a restart");
+        self.immudb_breaker.trip();
+        self.hard_stop.cancelled().await;
+    }
+
+    /// Stage 2 of a batch: PostgreSQL, the dead letters, then the commit rule.
     pub async fn finish_stage(&self, mut staged: Staged) -> BatchReport {
         let span = staged.span.clone();
         let report = self
@@ -319,35 +447,100 @@ impl StoreContext {
         report
     }
 
+    /// Waits until the newest transaction of the batch is settled on the shared trusted state.
+    /// False when the batch must not reach PostgreSQL (tamper suspected, or stopping first).
+    async fn settle(&self, staged: &Staged) -> bool {
+        let Some(trust) = self.trust.as_deref() else {
+            return true;
+        };
+        let newest = staged
+            .items
+            .iter()
+            .filter_map(|item| match item.fate {
+                Fate::InImmudb {
+                    tx, verified: true, ..
+                } => Some(tx),
+                _ => None,
+            })
+            .max();
+        let Some(newest) = newest else { return true };
+        loop {
+            let failure = tokio::select! {
+                settled = trust.settle(newest) => match settled {
+                    Ok(()) => return true,
+                    Err(failure) => failure,
+                },
+                () = self.hard_stop.cancelled() => return false,
+            };
+            match failure {
+                TrustFailure::Tampered(_) => {
+                    self.hold_if_latched().await;
+                    return false;
+                }
+                TrustFailure::Postgres(error) => {
+                    tracing::warn!(%error, "cannot persist the trusted immudb state; waiting for PostgreSQL");
+                    self.pg_breaker.trip();
+                    if !self.postgres_available().await {
+                        return false;
+                    }
+                }
+                TrustFailure::Immudb(error) => {
+                    tracing::warn!(%error, "cannot prove the trusted state consistent yet; waiting for immudb");
+                    self.immudb_breaker.trip();
+                    if !self.immudb_available().await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     async fn finish_items(&self, staged: &mut Staged) -> BatchReport {
-        let fates = &mut staged.fates;
-        let valid = &staged.valid;
-        if fates.iter().any(|f| matches!(f, Fate::InImmudb { .. })) {
-            if !self.postgres_available().await {
-                abandon(fates);
+        if staged.any(|fate| matches!(fate, Fate::InImmudb { .. })) {
+            let writable = self.settle(staged).await && self.postgres_available().await;
+            if !writable {
+                staged.abandon_unsettled();
             } else {
                 let _slot = self.postgres_slots.acquire().await;
                 let started = std::time::Instant::now();
-                self.write_postgres(valid, fates).await;
+                let group: Vec<usize> = (0..staged.items.len())
+                    .filter(|&i| matches!(staged.items[i].fate, Fate::InImmudb { .. }))
+                    .collect();
+                self.write_postgres_group(&mut staged.items, group).await;
                 staged.postgres_time = started.elapsed();
                 metrics()
                     .postgres_write_duration
                     .observe(staged.postgres_time.as_secs_f64());
-                record_outcome(&self.pg_breaker, fates, Stage::Postgres);
+                let exhausted = staged.any(|fate| {
+                    matches!(
+                        fate,
+                        Fate::Dead(DeadCause {
+                            class: ErrorClass::RetryExhausted,
+                            stage: Stage::Postgres,
+                            ..
+                        })
+                    )
+                });
+                if exhausted {
+                    self.pg_breaker.record_failure();
+                } else {
+                    self.pg_breaker.record_success();
+                }
             }
         }
 
         let mut report = BatchReport::default();
         let now = chrono::Utc::now();
-        for i in 0..fates.len() {
+        for i in 0..staged.items.len() {
             // Events that shared an event_id with an earlier one of the batch follow its fate.
-            if let Fate::SameAs(first) = fates[i] {
-                fates[i] = match &fates[first] {
-                    Fate::Dead { .. } | Fate::Abandoned => fates[first].clone(),
+            if let Fate::SameAs(first) = staged.items[i].fate {
+                staged.items[i].fate = match &staged.items[first].fate {
+                    fate @ (Fate::Dead(_) | Fate::Abandoned) => fate.clone(),
                     _ => Fate::Redelivered,
                 };
             }
-            match fates[i] {
+            let item = &staged.items[i];
+            match item.fate {
                 Fate::InImmudb {
                     tx,
                     written_now: true,
@@ -355,7 +548,7 @@ impl StoreContext {
                 } => {
                     report.stored += 1;
                     report.immudb_tx = report.immudb_tx.max(Some(tx));
-                    let age = (now - valid[i].event.timestamp_utc())
+                    let age = (now - item.event.event.timestamp_utc())
                         .num_milliseconds()
                         .max(0);
                     metrics().event_age.observe(age as f64 / 1000.0);
@@ -364,6 +557,7 @@ impl StoreContext {
                     written_now: false, ..
                 }
                 | Fate::Redelivered => report.duplicates += 1,
+                Fate::Abandoned => report.unconfirmed += 1,
                 _ => {}
             }
         }
@@ -377,46 +571,40 @@ impl StoreContext {
             metrics().immudb_last_tx_id.set(last);
         }
 
+        let mut settled = Vec::with_capacity(staged.items.len() + staged.dead.len());
         let mut dead = std::mem::take(&mut staged.dead);
-        let mut done = Vec::with_capacity(staged.valid.len() + dead.len());
-        let valid = std::mem::take(&mut staged.valid);
-        let tickets = std::mem::take(&mut staged.tickets);
-        let fates = std::mem::take(&mut staged.fates);
-        for ((event, fate), ticket) in valid.into_iter().zip(fates).zip(tickets) {
-            match fate {
-                Fate::Dead {
-                    class,
-                    stage,
-                    kind,
-                    message,
-                    attempts,
-                } => {
-                    tracing::warn!(
-                        event_id = %event.event.event_id,
-                        trace_id = event.event.trace_id.as_deref(),
-                        correlation_id = event.event.correlation_id.as_deref(),
-                        offset = event.record.offset,
-                        partition = event.record.partition,
-                        class = class.as_str(),
-                        stage = stage.as_str(),
-                        error = %message,
-                        "event cannot be stored; dead-lettering it"
-                    );
-                    dead.push((
-                        DeadLetter {
-                            record: event.record,
-                            class,
-                            stage,
-                            kind,
-                            message: format!("event_id {}: {message}", event.event.event_id),
-                            attempts,
-                        },
-                        ticket,
-                    ))
-                }
-                Fate::Abandoned => report.unconfirmed += 1,
-                _ => done.push((event.record.topic_partition(), ticket)),
-            }
+        for item in std::mem::take(&mut staged.items) {
+            let Item {
+                event,
+                ticket,
+                fate,
+            } = item;
+            let Fate::Dead(cause) = fate else {
+                settled.push((event.record.topic_partition(), ticket, fate.settlement()));
+                continue;
+            };
+            tracing::warn!(
+                event_id = %event.event.event_id,
+                trace_id = event.event.trace_id.as_deref(),
+                correlation_id = event.event.correlation_id.as_deref(),
+                offset = event.record.offset,
+                partition = event.record.partition,
+                class = cause.class.as_str(),
+                stage = cause.stage.as_str(),
+                error = %cause.message,
+                "event cannot be stored; dead-lettering it"
+            );
+            dead.push((
+                DeadLetter {
+                    record: event.record,
+                    class: cause.class,
+                    stage: cause.stage,
+                    kind: cause.kind.to_owned(),
+                    message: format!("event_id {}: {}", event.event.event_id, cause.message),
+                    attempts: cause.attempts,
+                },
+                ticket,
+            ));
         }
 
         let sends = dead.iter().map(|(letter, _)| async move {
@@ -433,66 +621,34 @@ impl StoreContext {
         });
         let results = futures::future::join_all(sends).await;
         for ((letter, ticket), result) in dead.iter().zip(results) {
-            if result.is_ok() {
+            let settlement = if result.is_ok() {
                 report.dead_letters += 1;
                 metrics()
                     .dlq_events
                     .with_label_values(&[&staged.topic, letter.class.as_str()])
                     .inc();
-                done.push((letter.record.topic_partition(), *ticket));
+                Settlement::DeadLettered
             } else {
                 report.unconfirmed += 1;
-            }
+                Settlement::Unsettled
+            };
+            settled.push((letter.record.topic_partition(), *ticket, settlement));
         }
 
-        {
-            let mut tracker = self
-                .tracker
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (tp, ticket) in &done {
-                tracker.completed(tp, *ticket);
-            }
-        }
+        self.tracker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .finish(settled);
         self.progress.send_modify(|n| *n += 1);
         report
     }
 
-    /// One immudb transaction for the group, verified when a trusted state is kept: every
-    /// entry's inclusion and the dual proof from the trusted state to the new transaction are
-    /// checked before the batch counts as written, then the trusted state moves forward.
-    /// Returns the transaction id and whether it was verified.
-    async fn set_group(&self, kvs: &[KeyValue]) -> Result<(u64, bool), Failure<ImmudbError>> {
-        let Some(trust) = &self.trust else {
-            let header = self
-                .retry
-                .run("immudb set", || self.immudb.set_all(kvs, true))
-                .await?;
-            return Ok((header.id, false));
-        };
-        let trusted = trust.current();
-        let (header, verified) = self
-            .retry
-            .run("immudb set", || {
-                self.immudb.verify_set_batch(kvs, true, &trusted)
-            })
-            .await
-            .inspect_err(|failure| {
-                if matches!(failure.error, ImmudbError::VerificationFailed { .. }) {
-                    trust.suspect_tampering("verified batch write", &failure.error);
-                }
-            })?;
-        if let Err(error) = trust.advance(verified).await {
-            // The proof held; only persisting the new anchor failed. The in-memory state moved
-            // on, and the next batch persists a later one.
-            tracing::warn!(%error, "cannot persist the trusted immudb state");
-        }
-        Ok((header.id, true))
-    }
-
     /// Waits until immudb's circuit is closed (probing it after each cool-down); false when
-    /// the process must stop first.
+    /// the process must stop first, or for good once tampering is suspected.
     async fn immudb_available(&self) -> bool {
+        if self.trust.as_deref().is_some_and(Trust::tampered) {
+            return false;
+        }
         let probe = || self.immudb_probe();
         self.immudb_breaker
             .wait_closed(probe, &self.hard_stop)
@@ -509,232 +665,91 @@ impl StoreContext {
             .is_ok()
     }
 
-    /// The half-open probe of immudb's circuit: a health check, failing for good once a
-    /// verification failed (tampering is not a transient condition).
+    /// The half-open probe of immudb's circuit: exercises what the writer needs (a write
+    /// permission check that writes nothing), failing for good once tampering is suspected.
     async fn immudb_probe(&self) -> Result<(), String> {
-        if self.trust.as_ref().is_some_and(|trust| trust.tampered()) {
+        if self.trust.as_deref().is_some_and(Trust::tampered) {
             return Err(
                 "verification failed: tamper suspected, restart after investigating".into(),
             );
         }
-        self.immudb.health().await.map_err(|e| e.to_string())
-    }
-
-    /// Writes every pending event to immudb, resolving redeliveries and conflicts.
-    async fn write_immudb(&self, events: &[ValidEvent], fates: &mut [Fate]) {
-        let pending: Vec<usize> = (0..events.len())
-            .filter(|&i| matches!(fates[i], Fate::Pending))
-            .collect();
-        self.write_immudb_group(events, fates, pending).await;
-    }
-
-    /// One group of events: `KeyMustNotExist` write, then resolution of existing keys, then
-    /// bisection if immudb rejects the group for a reason it does not pin to one entry.
-    async fn write_immudb_group(
-        &self,
-        events: &[ValidEvent],
-        fates: &mut [Fate],
-        mut group: Vec<usize>,
-    ) {
-        // Each round either writes the group or removes at least one existing key from it; the
-        // bound only guards against a server that keeps contradicting itself.
-        for _round in 0..4 {
-            if group.is_empty() {
-                return;
-            }
-            let kvs: Vec<KeyValue> = group
-                .iter()
-                .map(|&i| KeyValue {
-                    key: events[i].immudb_key.as_bytes().to_vec(),
-                    value: events[i].record.payload_bytes().to_vec(),
-                })
-                .collect();
-            let result = self.set_group(&kvs).await;
-            count_operation(&metrics().immudb_operations, "set", &result);
-            match result {
-                Ok((tx, verified)) => {
-                    for &i in &group {
-                        fates[i] = Fate::InImmudb {
-                            tx,
-                            written_now: true,
-                            verified,
-                        };
-                    }
-                    return;
-                }
-                // The server's answer contradicts the trusted state: tampering or a rollback.
-                // Never retried into success: consumption stops until an operator intervenes.
-                Err(Failure {
-                    error: ImmudbError::VerificationFailed { .. },
-                    ..
-                }) => {
-                    self.immudb_breaker.trip();
-                    // Waits until shutdown: the probe fails for good once tampering is suspected.
-                    self.immudb_available().await;
-                    return abandon_group(fates, &group);
-                }
-                Err(Failure {
-                    error: ImmudbError::PreconditionFailed { .. },
-                    ..
-                }) => match self.resolve_existing(events, fates, &group).await {
-                    Ok(()) => group.retain(|&i| matches!(fates[i], Fate::Pending)),
-                    Err(failure) => return mark_dead(fates, &group, Stage::Immudb, &failure),
-                },
-                Err(failure) if failure.error.is_transient() => {
-                    return mark_dead(fates, &group, Stage::Immudb, &failure);
-                }
-                // Credentials, permissions, configuration: nothing about these events.
-                // Dead-lettering would drain the stream; hold the batch behind an open circuit.
-                Err(failure) if !matches!(failure.error, ImmudbError::InvalidArgument { .. }) => {
-                    tracing::error!(error = %failure.error, "immudb refuses the batch for a reason that is not its data; holding it");
-                    self.immudb_breaker.trip();
-                    if !self.immudb_available().await {
-                        return abandon_group(fates, &group);
-                    }
-                }
-                Err(failure) if group.len() == 1 => {
-                    fates[group[0]] = dead_fate(ErrorClass::Invalid, Stage::Immudb, &failure);
-                    return;
-                }
-                Err(failure) => {
-                    tracing::warn!(error = %failure.error, size = group.len(), "immudb rejected the batch; bisecting to isolate the offending events");
-                    let second = group.split_off(group.len() / 2);
-                    Box::pin(self.write_immudb_group(events, fates, group)).await;
-                    Box::pin(self.write_immudb_group(events, fates, second)).await;
-                    return;
-                }
-            }
-        }
-        let failure = Failure {
-            error: "immudb kept reporting existing keys that it does not return".to_owned(),
-            attempts: 4,
-        };
-        mark_dead(fates, &group, Stage::Immudb, &failure);
-    }
-
-    /// Reads back the keys of `group` and settles those that exist: same bytes → stored,
-    /// different bytes → conflict.
-    async fn resolve_existing(
-        &self,
-        events: &[ValidEvent],
-        fates: &mut [Fate],
-        group: &[usize],
-    ) -> Result<(), Failure<ImmudbError>> {
-        let keys: Vec<Vec<u8>> = group
-            .iter()
-            .map(|&i| events[i].immudb_key.as_bytes().to_vec())
-            .collect();
-        let existing = self
-            .retry
-            .run("immudb get_all", || self.immudb.get_all(&keys))
-            .await;
-        count_operation(&metrics().immudb_operations, "get_all", &existing);
-        let existing = existing?;
-        let by_key: HashMap<&[u8], usize> = group
-            .iter()
-            .map(|&i| (events[i].immudb_key.as_bytes(), i))
-            .collect();
-        for entry in existing {
-            let Some(&i) = by_key.get(entry.key.as_slice()) else {
-                continue;
-            };
-            fates[i] = if entry.value.as_slice() == events[i].record.payload_bytes() {
-                Fate::InImmudb {
-                    tx: entry.tx,
-                    written_now: false,
-                    verified: false,
-                }
-            } else {
-                Fate::Dead {
-                    class: ErrorClass::Conflict,
-                    stage: Stage::Immudb,
-                    kind: "conflict".into(),
-                    message: format!(
-                        "immudb already holds {} (tx {}) with different content",
-                        events[i].immudb_key, entry.tx
-                    ),
-                    attempts: 1,
-                }
-            };
-        }
-        Ok(())
-    }
-
-    /// Replicates every event that is in immudb to PostgreSQL.
-    async fn write_postgres(&self, events: &[ValidEvent], fates: &mut [Fate]) {
-        let group: Vec<usize> = (0..events.len())
-            .filter(|&i| matches!(fates[i], Fate::InImmudb { .. }))
-            .collect();
-        self.write_postgres_group(events, fates, group).await;
+        self.immudb.write_probe().await.map_err(|e| e.to_string())
     }
 
     /// One statement for the group; bisection if PostgreSQL rejects it for a row it does not
     /// name.
-    async fn write_postgres_group(
-        &self,
-        events: &[ValidEvent],
-        fates: &mut [Fate],
-        mut group: Vec<usize>,
-    ) {
+    async fn write_postgres_group(&self, items: &mut [Item], mut group: Vec<usize>) {
         if group.is_empty() {
             return;
         }
-        let rows: Vec<ReplicaRow<'_>> = group
-            .iter()
-            .map(|&i| {
-                let (tx, verified) = match fates[i] {
-                    Fate::InImmudb { tx, verified, .. } => (tx, verified),
-                    _ => (0, false),
-                };
-                replica_row(&events[i], tx, verified)
-            })
-            .collect();
-        let result = loop {
-            let result = self
-                .retry
-                .run("postgres insert", || {
-                    postgres::insert_batch(&self.pg, &rows)
+        let result = {
+            let rows: Vec<ReplicaRow<'_>> = group
+                .iter()
+                .map(|&i| {
+                    let (tx, verified) = match items[i].fate {
+                        Fate::InImmudb { tx, verified, .. } => (tx, verified),
+                        _ => (0, false),
+                    };
+                    replica_row(&items[i].event, tx, verified)
                 })
-                .await;
-            count_operation(&metrics().postgres_operations, "insert", &result);
-            match result {
-                // Privileges, a missing table, a read-only server: nothing about these rows.
-                // Dead-lettering would drain the stream; hold the batch behind an open circuit
-                // until an operator fixes the store.
-                Err(failure) if !failure.error.is_transient() && !failure.error.is_data_error() => {
-                    tracing::error!(error = %failure.error, sqlstate = failure.error.sqlstate(), "PostgreSQL refuses the batch for a reason that is not its data; holding it");
-                    self.pg_breaker.trip();
-                    if !self.postgres_available().await {
-                        return abandon_group(fates, &group);
+                .collect();
+            loop {
+                let result = self
+                    .retry
+                    .run("postgres insert", || {
+                        postgres::insert_batch(&self.pg, &rows)
+                    })
+                    .await;
+                count_operation(&metrics().postgres_operations, "insert", &result);
+                match result {
+                    // Privileges, a missing table, a read-only server: nothing about these
+                    // rows. Dead-lettering would drain the stream; hold the batch behind an
+                    // open circuit until an operator fixes the store.
+                    Err(failure)
+                        if !failure.error.is_transient() && !failure.error.is_data_error() =>
+                    {
+                        tracing::error!(error = %failure.error, sqlstate = failure.error.sqlstate(), "PostgreSQL refuses the batch for a reason that is not its data; holding it");
+                        self.pg_breaker.trip();
+                        if !self.postgres_available().await {
+                            break None;
+                        }
                     }
+                    other => break Some(other),
                 }
-                other => break other,
             }
+        };
+        let Some(result) = result else {
+            for &i in &group {
+                items[i].fate = Fate::Abandoned;
+            }
+            return;
         };
         match result {
             Ok(outcome) => {
                 for position in outcome.conflicts {
-                    let i = group[position];
-                    fates[i] = Fate::Dead {
+                    items[group[position]].fate = Fate::Dead(DeadCause {
                         class: ErrorClass::Conflict,
                         stage: Stage::Postgres,
-                        kind: "conflict".into(),
+                        kind: "conflict",
                         message: "audit_trail already holds this event_id with a different payload digest".into(),
                         attempts: 1,
-                    };
+                    });
                 }
             }
             Err(failure) if failure.error.is_transient() => {
-                mark_dead(fates, &group, Stage::Postgres, &failure)
+                for &i in &group {
+                    items[i].fate =
+                        dead_fate(ErrorClass::RetryExhausted, Stage::Postgres, &failure);
+                }
             }
             Err(failure) if group.len() == 1 => {
-                fates[group[0]] = dead_fate(ErrorClass::Invalid, Stage::Postgres, &failure);
+                items[group[0]].fate = dead_fate(ErrorClass::Invalid, Stage::Postgres, &failure);
             }
             Err(failure) => {
                 tracing::warn!(error = %failure.error, size = group.len(), "PostgreSQL rejected the batch; bisecting to isolate the offending rows");
                 let second = group.split_off(group.len() / 2);
-                Box::pin(self.write_postgres_group(events, fates, group)).await;
-                Box::pin(self.write_postgres_group(events, fates, second)).await;
+                Box::pin(self.write_postgres_group(items, group)).await;
+                Box::pin(self.write_postgres_group(items, second)).await;
             }
         }
     }
@@ -757,55 +772,41 @@ fn replica_row(event: &ValidEvent, tx: u64, verified: bool) -> ReplicaRow<'_> {
 /// it, with different bytes they are conflicts. Keyed by `event_id` (PostgreSQL's identity), not
 /// by the immudb key: two copies that differ in `entity_type` have different immudb keys but
 /// must not both be written.
-fn mark_in_batch_duplicates(events: &[ValidEvent]) -> Vec<Fate> {
-    let mut first_by_id: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(events.len());
+fn mark_in_batch_duplicates<'a>(events: impl Iterator<Item = &'a ValidEvent>) -> Vec<Fate> {
+    let mut first_by_id: HashMap<uuid::Uuid, (usize, [u8; 32], i64)> = HashMap::new();
     events
-        .iter()
         .enumerate()
         .map(|(i, event)| match first_by_id.get(&event.event.event_id) {
             None => {
-                first_by_id.insert(event.event.event_id, i);
+                first_by_id.insert(event.event.event_id, (i, event.digest, event.record.offset));
                 Fate::Pending
             }
-            Some(&first) if events[first].digest == event.digest => Fate::SameAs(first),
-            Some(&first) => Fate::Dead {
+            Some(&(first, digest, _)) if digest == event.digest => Fate::SameAs(first),
+            Some(&(_, _, offset)) => Fate::Dead(DeadCause {
                 class: ErrorClass::Conflict,
                 stage: Stage::Immudb,
-                kind: "conflict".into(),
+                kind: "conflict",
                 message: format!(
-                    "same event_id as offset {} of this batch with different content",
-                    events[first].record.offset
+                    "same event_id as offset {offset} of this batch with different content"
                 ),
                 attempts: 0,
-            },
+            }),
         })
         .collect()
 }
 
 fn dead_fate<E: std::fmt::Display>(class: ErrorClass, stage: Stage, failure: &Failure<E>) -> Fate {
-    Fate::Dead {
+    Fate::Dead(DeadCause {
         class,
         stage,
         kind: if class == ErrorClass::RetryExhausted {
-            "unavailable".into()
+            "unavailable"
         } else {
-            "rejected".into()
+            "rejected"
         },
         message: failure.error.to_string(),
         attempts: failure.attempts,
-    }
-}
-
-/// The whole group failed the same way: transient after every retry, or no way to isolate.
-fn mark_dead<E: std::fmt::Display>(
-    fates: &mut [Fate],
-    group: &[usize],
-    stage: Stage,
-    failure: &Failure<E>,
-) {
-    for &i in group {
-        fates[i] = dead_fate(ErrorClass::RetryExhausted, stage, failure);
-    }
+    })
 }
 
 #[cfg(test)]
@@ -839,7 +840,7 @@ mod tests {
 
     #[test]
     fn in_batch_duplicates_follow_the_first_and_differences_conflict() {
-        let events = vec![
+        let events = [
             valid(ONE, "plant", b"one", 0),
             valid(TWO, "plant", b"two", 1),
             valid(ONE, "plant", b"one", 2),
@@ -847,18 +848,35 @@ mod tests {
             // Same event_id under another entity_type: another immudb key, still a conflict.
             valid(TWO, "batch", b"two as a batch", 4),
         ];
-        let fates = mark_in_batch_duplicates(&events);
+        let fates = mark_in_batch_duplicates(events.iter());
         assert!(matches!(fates[0], Fate::Pending));
         assert!(matches!(fates[1], Fate::Pending));
         assert!(matches!(fates[2], Fate::SameAs(0)));
         for conflict in [3, 4] {
             assert!(matches!(
                 fates[conflict],
-                Fate::Dead {
+                Fate::Dead(DeadCause {
                     class: ErrorClass::Conflict,
                     ..
-                }
+                })
             ));
         }
+    }
+
+    #[test]
+    fn only_events_in_both_stores_settle_here() {
+        let stored = Fate::InImmudb {
+            tx: 1,
+            written_now: true,
+            verified: true,
+        };
+        assert_eq!(stored.settlement(), Settlement::Stored);
+        assert_eq!(Fate::Redelivered.settlement(), Settlement::Stored);
+        assert_eq!(Fate::Abandoned.settlement(), Settlement::Unsettled);
+        assert_eq!(
+            Fate::from_outcome(Outcome::Held).settlement(),
+            Settlement::Unsettled,
+            "a held event never releases its offset"
+        );
     }
 }

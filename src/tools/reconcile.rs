@@ -511,9 +511,40 @@ impl Reconciler {
             .map_err(|f| ToolError::postgres("reading audit_trail", &f.error))?
             .into_iter()
             .collect();
+        // The uniqueness key says which copy of an event_id immudb accepted: a copy it names
+        // with another digest is never restored.
+        let unique_keys: Vec<Vec<u8>> = candidates
+            .iter()
+            .map(|(_, e)| e.uniqueness_key().into_bytes())
+            .collect();
+        let accepted: HashMap<Vec<u8>, Vec<u8>> = self
+            .get_all(unique_keys)
+            .await?
+            .into_iter()
+            .map(|entry| (entry.key, entry.value))
+            .collect();
         let mut missing: Vec<(&Entry, AuditEvent)> = Vec::new();
         let mut seen = HashSet::new();
         for (entry, event) in candidates {
+            let unique = accepted.get(event.uniqueness_key().as_bytes());
+            if let Some(value) = unique
+                && *value != event::uniqueness_value(&event::payload_sha256(&entry.value))
+            {
+                self.report.summary.other += 1;
+                self.report.add(Finding {
+                    kind: "key_conflict",
+                    event_id: Some(event.event_id),
+                    immudb_key: String::from_utf8_lossy(&entry.key).into_owned(),
+                    immudb_tx: Some(entry.tx),
+                    fields: Vec::new(),
+                    detail: format!(
+                        "{} names another payload for this event_id: this copy is not the one \
+                         immudb accepted and is never restored",
+                        event.uniqueness_key()
+                    ),
+                });
+                continue;
+            }
             match stored.get(&event.event_id) {
                 Some(key) if key.as_bytes() == entry.key.as_slice() => {}
                 Some(key) => {

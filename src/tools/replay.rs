@@ -28,12 +28,17 @@ use uuid::Uuid;
 use super::progress::Progress;
 use super::{OutputFormat, ToolError, Verdict, connect_immudb, connect_postgres, print_json};
 use crate::config::{KafkaSettings, Settings};
-use crate::event::{self, AuditEvent};
-use crate::immudb::{ImmudbClient, ImmudbError, KeyValue};
+use crate::event::{self, AuditEvent, uniqueness_key, uniqueness_value};
+use crate::immudb::{ImmudbClient, ImmudbError};
 use crate::pipeline::dlq::headers;
+use crate::pipeline::immudb_write::{
+    Candidate as WriteCandidate, ENTRIES_PER_EVENT, Hold, ImmudbWriter, Outcome,
+};
 use crate::pipeline::record::SourceRecord;
 use crate::postgres::{self, PgError, ReplicaRow};
-use crate::resilience::{Failure, RetryPolicy};
+use crate::resilience::RetryPolicy;
+use crate::trust::{Trust, TrustFailure, TrustStore};
+use futures::future::BoxFuture;
 
 /// The error classes a dead letter can carry (`dlq.error.class`), for `--reason`.
 pub const REASONS: [&str; 3] = ["invalid", "conflict", "retry_exhausted"];
@@ -159,12 +164,35 @@ pub async fn run(
     let immudb = connect_immudb(&settings.immudb).await?;
     let consumer = replay_consumer(&settings.kafka, &settings.instance_id, &group)
         .map_err(|e| ToolError::Usage(format!("creating the DLQ consumer: {e}")))?;
+    let trust = if settings.immudb.verify {
+        let store = TrustStore::new(pg.clone());
+        let established = crate::audit::establish_trust(&immudb, &store, None)
+            .await
+            .map_err(|e| match e {
+                crate::audit::TrustError::Immudb(error) => {
+                    ToolError::immudb("establishing trust in immudb", &error)
+                }
+                crate::audit::TrustError::Postgres(error) => {
+                    ToolError::postgres("reading immudb_trusted_state", &error)
+                }
+                other => ToolError::Incomplete(format!("establishing trust in immudb: {other}")),
+            })?;
+        Some(Trust::new(
+            established.current,
+            established.row,
+            Box::new(store),
+            Box::new(immudb.clone()),
+        ))
+    } else {
+        None
+    };
     let mut replay = Replay {
         store: Store {
             immudb: immudb.clone(),
             pg: pg.clone(),
             retry: RetryPolicy::new(settings.retry),
-            chunk: CHUNK.min(immudb.limits().max_tx_entries.max(1)),
+            chunk: CHUNK.min((immudb.limits().max_tx_entries / ENTRIES_PER_EVENT).max(1)),
+            trust,
         },
         args: args.clone(),
         counts: BTreeMap::new(),
@@ -609,127 +637,102 @@ struct Candidate {
     fate: Fate,
 }
 
-/// The stores, reached through the same calls and retry policy as the pipeline's writer.
+/// The stores, reached through the pipeline's own immudb writer and the same retry policy.
 struct Store {
     immudb: ImmudbClient,
     pg: PgPool,
     retry: RetryPolicy,
     chunk: usize,
+    /// The trusted state when writes are verified (`IMMUDB_VERIFY`), shared with the daemons
+    /// through the same row.
+    trust: Option<Trust>,
+}
+
+/// A tool does not wait for an operator: a login immudb refuses ends the run (exit 2 or 3).
+#[derive(Default)]
+struct GiveUp {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl Hold for GiveUp {
+    fn store_refused<'a>(&'a self, why: &'a ImmudbError) -> BoxFuture<'a, bool> {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(why.to_string());
+        Box::pin(async { false })
+    }
 }
 
 impl Store {
     /// The idempotent write: immudb (per event: written now, or its transaction if the same
-    /// bytes are there), then PostgreSQL for every event immudb holds.
+    /// bytes are there, proven), then PostgreSQL for every event immudb holds.
     async fn store(&self, events: &mut [Candidate]) -> Result<(), ToolError> {
-        let mut in_immudb: Vec<Option<(u64, bool)>> = vec![None; events.len()];
-        self.write_immudb(events, &mut in_immudb, (0..events.len()).collect())
-            .await?;
+        let hold = GiveUp::default();
+        let writer = ImmudbWriter {
+            immudb: &self.immudb,
+            trust: self.trust.as_ref(),
+            retry: &self.retry,
+            hold: &hold,
+        };
+        let candidates: Vec<WriteCandidate<'_>> = events
+            .iter()
+            .map(|c| WriteCandidate {
+                event_id: c.event.event_id,
+                audit_key: &c.key,
+                payload: c.letter.record.payload_bytes(),
+                digest: &c.digest,
+            })
+            .collect();
+        let outcomes = writer.write(&candidates).await;
+        drop(candidates);
+        let mut in_immudb: Vec<Option<(u64, bool, bool)>> = vec![None; events.len()];
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Stored { tx, now, verified } => in_immudb[i] = Some((tx, now, verified)),
+                Outcome::Conflict(detail) => events[i].fate = Fate::Conflict(detail),
+                Outcome::Invalid(detail) => {
+                    events[i].fate = Fate::Invalid(format!("immudb: {detail}"))
+                }
+                Outcome::Unavailable { message, .. } => {
+                    return Err(ToolError::Incomplete(format!(
+                        "writing to immudb: {message}"
+                    )));
+                }
+                Outcome::Held | Outcome::Pending => {
+                    let why = hold
+                        .refused
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .clone()
+                        .unwrap_or_else(|| {
+                            "immudb failed verification against the trusted state: tamper or \
+                             rollback suspected"
+                                .into()
+                        });
+                    return Err(ToolError::Usage(format!("writing to immudb: {why}")));
+                }
+            }
+        }
+        if let Some(trust) = &self.trust
+            && let Some(newest) = in_immudb
+                .iter()
+                .flatten()
+                .filter(|(_, _, verified)| *verified)
+                .map(|(tx, _, _)| *tx)
+                .max()
+        {
+            trust.settle(newest).await.map_err(|e| match e {
+                TrustFailure::Tampered(detail) => ToolError::Usage(format!(
+                    "the trusted immudb state: tamper suspected: {detail}"
+                )),
+                other => ToolError::Incomplete(format!("the trusted immudb state: {other}")),
+            })?;
+        }
         let group: Vec<usize> = (0..events.len())
             .filter(|&i| in_immudb[i].is_some())
             .collect();
         self.write_postgres(events, &in_immudb, group).await
-    }
-
-    async fn write_immudb(
-        &self,
-        events: &mut [Candidate],
-        in_immudb: &mut [Option<(u64, bool)>],
-        mut group: Vec<usize>,
-    ) -> Result<(), ToolError> {
-        // Each round writes the group or settles at least one existing key; the bound guards
-        // against a server that keeps contradicting itself.
-        for _round in 0..4 {
-            if group.is_empty() {
-                return Ok(());
-            }
-            let kvs: Vec<KeyValue> = group
-                .iter()
-                .map(|&i| KeyValue {
-                    key: events[i].key.as_bytes().to_vec(),
-                    value: events[i].letter.record.payload_bytes().to_vec(),
-                })
-                .collect();
-            match self
-                .retry
-                .run("immudb set", || self.immudb.set_all(&kvs, true))
-                .await
-            {
-                Ok(header) => {
-                    for &i in &group {
-                        in_immudb[i] = Some((header.id, true));
-                    }
-                    return Ok(());
-                }
-                Err(Failure {
-                    error: ImmudbError::PreconditionFailed { .. },
-                    ..
-                }) => {
-                    self.resolve_existing(events, in_immudb, &group).await?;
-                    group.retain(|&i| {
-                        in_immudb[i].is_none() && matches!(events[i].fate, Fate::Pending)
-                    });
-                }
-                Err(Failure {
-                    error: error @ ImmudbError::InvalidArgument { .. },
-                    ..
-                }) => {
-                    if group.len() == 1 {
-                        events[group[0]].fate = Fate::Invalid(format!("immudb: {error}"));
-                        return Ok(());
-                    }
-                    let second = group.split_off(group.len() / 2);
-                    Box::pin(self.write_immudb(events, in_immudb, group)).await?;
-                    return Box::pin(self.write_immudb(events, in_immudb, second)).await;
-                }
-                Err(f) => return Err(ToolError::immudb("writing to immudb", &f.error)),
-            }
-        }
-        Err(ToolError::Incomplete(
-            "immudb kept reporting existing keys that it does not return".into(),
-        ))
-    }
-
-    /// Reads back the keys of `group`: same bytes are already stored, different bytes conflict.
-    async fn resolve_existing(
-        &self,
-        events: &mut [Candidate],
-        in_immudb: &mut [Option<(u64, bool)>],
-        group: &[usize],
-    ) -> Result<(), ToolError> {
-        let keys: Vec<Vec<u8>> = group
-            .iter()
-            .map(|&i| events[i].key.as_bytes().to_vec())
-            .collect();
-        let existing = self
-            .retry
-            .run("immudb get_all", || self.immudb.get_all(&keys))
-            .await
-            .map_err(|f| ToolError::immudb("reading from immudb", &f.error))?;
-        let by_key: HashMap<&[u8], usize> = group
-            .iter()
-            .map(|&i| (events[i].key.as_bytes(), i))
-            .collect();
-        let mut settled = Vec::new();
-        for entry in &existing {
-            if let Some(&i) = by_key.get(entry.key.as_slice()) {
-                settled.push((
-                    i,
-                    entry.tx,
-                    entry.value.as_slice() == events[i].letter.record.payload_bytes(),
-                ));
-            }
-        }
-        for (i, tx, same) in settled {
-            if same {
-                in_immudb[i] = Some((tx, false));
-            } else {
-                events[i].fate = Fate::Conflict(format!(
-                    "immudb already holds {} (tx {tx}) with different content",
-                    events[i].key
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Rows already in PostgreSQL are judged by digest first, so each event is counted as
@@ -737,7 +740,7 @@ impl Store {
     async fn write_postgres(
         &self,
         events: &mut [Candidate],
-        in_immudb: &[Option<(u64, bool)>],
+        in_immudb: &[Option<(u64, bool, bool)>],
         group: Vec<usize>,
     ) -> Result<(), ToolError> {
         if group.is_empty() {
@@ -746,7 +749,7 @@ impl Store {
         let existing = self.existing_digests(events, &group).await?;
         let mut to_insert = Vec::new();
         for i in group {
-            let written_now = in_immudb[i].is_some_and(|(_, now)| now);
+            let written_now = in_immudb[i].is_some_and(|(_, now, _)| now);
             match existing.get(&events[i].event.event_id) {
                 Some(digest) if digest.as_slice() == events[i].digest.as_slice() => {
                     events[i].fate = if written_now {
@@ -795,7 +798,7 @@ impl Store {
     async fn insert(
         &self,
         events: &mut [Candidate],
-        in_immudb: &[Option<(u64, bool)>],
+        in_immudb: &[Option<(u64, bool, bool)>],
         mut group: Vec<usize>,
     ) -> Result<(), ToolError> {
         if group.is_empty() {
@@ -804,7 +807,10 @@ impl Store {
         let result = {
             let rows: Vec<ReplicaRow<'_>> = group
                 .iter()
-                .map(|&i| replica_row(&events[i], in_immudb[i].map_or(0, |(tx, _)| tx)))
+                .map(|&i| {
+                    let (tx, _, verified) = in_immudb[i].unwrap_or((0, false, false));
+                    replica_row(&events[i], tx, verified)
+                })
                 .collect();
             self.retry
                 .run("postgres insert", || {
@@ -847,7 +853,15 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        let keys: Vec<Vec<u8>> = events.iter().map(|c| c.key.as_bytes().to_vec()).collect();
+        let keys: Vec<Vec<u8>> = events
+            .iter()
+            .flat_map(|c| {
+                [
+                    c.key.as_bytes().to_vec(),
+                    uniqueness_key(c.event.event_id).into_bytes(),
+                ]
+            })
+            .collect();
         let existing = self
             .retry
             .run("immudb get_all", || self.immudb.get_all(&keys))
@@ -861,8 +875,17 @@ impl Store {
         let in_pg = self.existing_digests(events, &all).await?;
         for c in events.iter_mut() {
             let immudb = in_immudb.get(c.key.as_bytes()).copied();
+            let unique = in_immudb
+                .get(uniqueness_key(c.event.event_id).as_bytes())
+                .copied();
             let pg = in_pg.get(&c.event.event_id);
             c.fate = match (immudb, pg) {
+                _ if unique.is_some_and(|value| value != uniqueness_value(&c.digest)) => {
+                    Fate::Conflict(format!(
+                        "immudb already holds event {} with another payload",
+                        c.event.event_id
+                    ))
+                }
                 (Some(value), _) if value != c.letter.record.payload_bytes() => Fate::Conflict(
                     format!("immudb already holds {} with different content", c.key),
                 ),
@@ -880,7 +903,7 @@ impl Store {
 
 /// The row the pipeline would have written: the event's original Kafka coordinates come from
 /// the DLQ headers (the DLQ record's own when they are missing or unusable).
-fn replica_row(c: &Candidate, tx: u64) -> ReplicaRow<'_> {
+fn replica_row(c: &Candidate, tx: u64, verified: bool) -> ReplicaRow<'_> {
     let r = &c.letter.record;
     let topic = r.header_str(headers::ORIGINAL_TOPIC).unwrap_or(&r.topic);
     let partition = r
@@ -899,7 +922,7 @@ fn replica_row(c: &Candidate, tx: u64) -> ReplicaRow<'_> {
         event: &c.event,
         immudb_key: &c.key,
         immudb_tx: tx,
-        immudb_verified: false,
+        immudb_verified: verified,
         payload_sha256: &c.digest,
         topic,
         partition,

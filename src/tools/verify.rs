@@ -15,7 +15,7 @@ use crate::config::Settings;
 use crate::event;
 use crate::immudb::{ImmudbError, TrustedState};
 use crate::postgres::PgError;
-use crate::trust::TrustStore;
+use crate::trust::{Trust, TrustFailure, TrustStore};
 
 /// Arguments of `verify`.
 #[derive(Debug, Clone)]
@@ -174,7 +174,7 @@ async fn check(
         .load(&db)
         .await
         .map_err(|e| ToolError::postgres("reading immudb_trusted_state", &e))?;
-    let (trusted, source) = match stored {
+    let (trusted, source) = match stored.clone() {
         Some(state) => (state, TrustSource::Stored),
         None => {
             let current = immudb
@@ -295,10 +295,28 @@ async fn check(
     }
 
     // The proof holds whatever PostgreSQL says: immudb's state is proven, so it is the new
-    // anchor (forward only; the table refuses to move back).
+    // anchor, moved by compare-and-set like the daemon's (a row another replica moved meanwhile
+    // is proven consistent first).
     trust.trusted_tx_after = Some(proven.tx_id);
-    match store.advance(&proven).await {
+    let anchors = Trust::new(
+        trusted.clone(),
+        stored,
+        Box::new(store),
+        Box::new(immudb.clone()),
+    );
+    let newest = proven.tx_id;
+    let saved = match anchors.accept(&trusted, proven.clone()).await {
+        Ok(()) => anchors.settle(newest).await,
+        Err(failure) => Err(failure),
+    };
+    match saved {
         Ok(()) => trust.saved = !proven.is_fresh(),
+        Err(TrustFailure::Tampered(detail)) => {
+            report.proof_error = Some(detail.clone());
+            report.findings.push(format!(
+                "the proven state contradicts the shared trusted state: {detail}"
+            ));
+        }
         Err(e) => eprintln!("warning: the trusted state could not be saved: {e}"),
     }
     report.trust = Some(trust);

@@ -271,6 +271,67 @@ impl World {
         .expect("connect to immudb (run deploy/local/stack.sh up)")
     }
 
+    /// Creates an immudb login on this world's database (which must exist) with `permission`
+    /// (1 read, 2 read+write), through the stack's admin; returns its user name and password.
+    pub async fn immudb_login(&self, permission: u32) -> (String, String) {
+        let admin = self.immudb().await;
+        let user = unique("u");
+        // immudb's policy: 8-32 characters with upper and lower case, a digit and a symbol.
+        let password = "Test-login-1".to_owned();
+        admin
+            .create_user(
+                &user,
+                &password.clone().into(),
+                permission,
+                &self.immudb_database,
+            )
+            .await
+            .expect("create an immudb user");
+        admin.close().await;
+        (user, password)
+    }
+
+    /// Sets one broker-side configuration entry of `topic` (e.g. `max.message.bytes`).
+    pub async fn set_topic_config(&self, topic: &str, name: &str, value: &str) {
+        use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.stack.brokers)
+            .create()
+            .expect("admin client");
+        // AlterConfigs replaces the topic's whole dynamic configuration: carry the others over.
+        let current = admin
+            .describe_configs(
+                &[ResourceSpecifier::Topic(topic)],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("describe configs")
+            .pop()
+            .expect("one resource")
+            .expect("topic config");
+        let mut config = AlterConfig::new(ResourceSpecifier::Topic(topic));
+        let kept: Vec<(String, String)> = current
+            .entries
+            .iter()
+            .filter(|e| !e.is_default && e.name != name)
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        for (k, v) in &kept {
+            config = config.set(k, v);
+        }
+        config = config.set(name, value);
+        let results = admin
+            .alter_configs(
+                &[config],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("alter configs");
+        for result in results {
+            result.unwrap_or_else(|(resource, e)| panic!("altering {resource:?}: {e}"));
+        }
+    }
+
     /// A producer for test input (idempotent, acks=all, so the input is exactly what we sent).
     pub fn producer(&self) -> FutureProducer {
         ClientConfig::new()
@@ -626,6 +687,30 @@ impl Daemon {
             assert!(
                 Instant::now() < deadline,
                 "daemon did not exit within {timeout:?} of SIGTERM; log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many log lines so far carry `message`.
+    pub fn count_log(&self, message: &str) -> usize {
+        self.log_lines()
+            .iter()
+            .filter(|l| l["message"] == message)
+            .count()
+    }
+
+    /// Waits for the exit (no signal sent), at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait daemon") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within {timeout:?}; log: {}",
                 self.log.display()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
