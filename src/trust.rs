@@ -58,7 +58,20 @@ impl Prover for ImmudbClient {
         tx: u64,
     ) -> BoxFuture<'a, Result<TrustedState, ImmudbError>> {
         Box::pin(async move {
-            let (proven, newest) = self.verified_tx_by_id(tx, from).await?;
+            // A blip of the connection must not decide a proof: retried a few times, briefly.
+            let mut delay = std::time::Duration::from_millis(100);
+            let mut answer = self.verified_tx_by_id(tx, from).await;
+            for _ in 0..3 {
+                match &answer {
+                    Err(error) if error.is_transient() => {
+                        tokio::time::sleep(delay).await;
+                        delay *= 3;
+                        answer = self.verified_tx_by_id(tx, from).await;
+                    }
+                    _ => break,
+                }
+            }
+            let (proven, newest) = answer?;
             let header = proven
                 .header
                 .as_ref()
@@ -214,6 +227,27 @@ struct Anchors {
     current: TrustedState,
     /// The shared row as this process last read or wrote it (`None`: no row yet).
     row: Option<TrustedState>,
+    /// Whether `row` is known to lie on `current`'s history. A row behind `current` stays so
+    /// when `current` moves on (its history extends the old one); a row ahead of it does not,
+    /// and must be linked again before it is relied on.
+    row_linked: bool,
+}
+
+impl Anchors {
+    /// Adopts `newer`, a state proven to extend `current`.
+    fn adopt(&mut self, newer: TrustedState) {
+        if self
+            .row
+            .as_ref()
+            .is_some_and(|row| row.tx_id > self.current.tx_id)
+        {
+            self.row_linked = false;
+        }
+        metrics()
+            .trusted_tx_id
+            .set(i64::try_from(newer.tx_id).unwrap_or(i64::MAX));
+        self.current = newer;
+    }
 }
 
 /// The trusted state in memory, shared by the writers and the continuous audit.
@@ -245,7 +279,12 @@ impl Trust {
             .set(i64::try_from(current.tx_id).unwrap_or(i64::MAX));
         let settled = row.as_ref().map_or(0, |r| r.tx_id.min(current.tx_id));
         Self {
-            anchors: Mutex::new(Anchors { current, row }),
+            // `current` was proven from `row`: the row is a prefix of its history.
+            anchors: Mutex::new(Anchors {
+                current,
+                row,
+                row_linked: true,
+            }),
             row_store,
             prover,
             tampered: AtomicBool::new(false),
@@ -269,46 +308,35 @@ impl Trust {
 
     /// Takes `verified`, an answer proven from `base` (what [`current`](Self::current) returned
     /// before the request). When the current state moved meanwhile, `verified` and the current
-    /// state are first proven to lie on one history. Fails with [`TrustFailure::Tampered`] (and
-    /// sets the latch) when they do not.
+    /// state are first proven to lie on one history (again, if it moves during that proof).
+    /// Fails with [`TrustFailure::Tampered`] (and sets the latch) when they do not.
     pub async fn accept(
         &self,
         base: &TrustedState,
         verified: TrustedState,
     ) -> Result<(), TrustFailure> {
-        let mut base = base.clone();
+        // The state `verified` is known to share a history with.
+        let mut linked = base.clone();
         loop {
             self.check_latch()?;
-            {
+            let current = {
                 let mut anchors = self.anchors();
-                if anchors.current == base {
+                if anchors.current == linked {
                     if verified.tx_id > anchors.current.tx_id {
-                        metrics()
-                            .trusted_tx_id
-                            .set(i64::try_from(verified.tx_id).unwrap_or(i64::MAX));
-                        anchors.current = verified;
+                        anchors.adopt(verified);
                     }
                     return Ok(());
                 }
-                base = anchors.current.clone();
-            }
+                anchors.current.clone()
+            };
             // Another writer's state was adopted after ours was proven from an older one.
-            self.link(&base, &verified, "concurrent verified answers")
+            self.link(&current, &verified, "concurrent verified answers")
                 .await?;
-            // Linked with `base`; loop to adopt it if `base` is still the current state.
-            if verified.tx_id <= base.tx_id {
+            if verified.tx_id <= current.tx_id {
+                // A prefix of `current`, hence of every later current state (each extends it).
                 return Ok(());
             }
-            let proven_from_base = verified.clone();
-            let mut anchors = self.anchors();
-            if anchors.current == base {
-                metrics()
-                    .trusted_tx_id
-                    .set(i64::try_from(proven_from_base.tx_id).unwrap_or(i64::MAX));
-                anchors.current = proven_from_base;
-                return Ok(());
-            }
-            base = anchors.current.clone();
+            linked = current;
         }
     }
 
@@ -349,26 +377,23 @@ impl Trust {
         }
     }
 
-    /// Waits until `tx` lies on the shared row's history, persisting the newest state when no
-    /// other task is doing it. Fails with [`TrustFailure::Tampered`] when the row and this
-    /// process's history diverge.
+    /// Waits until `tx` lies on the shared row's history, persisting the newest state (one task
+    /// at a time; the others find their transaction covered by its write). Fails with
+    /// [`TrustFailure::Tampered`] when the row and this process's history diverge.
     pub async fn settle(&self, tx: u64) -> Result<(), TrustFailure> {
-        let mut settled = self.settled.subscribe();
         loop {
             self.check_latch()?;
-            if *settled.borrow_and_update() >= tx {
+            if *self.settled.borrow() >= tx {
                 return Ok(());
             }
-            match self.persisting.try_lock() {
-                Ok(_persisting) => self.persist().await?,
-                Err(_) => {
-                    let mut latch = self.latch.subscribe();
-                    tokio::select! {
-                        _ = settled.changed() => {}
-                        _ = latch.wait_for(|set| *set) => {}
-                    }
-                }
+            let _persisting = tokio::select! {
+                guard = self.persisting.lock() => guard,
+                () = self.latched() => continue,
+            };
+            if *self.settled.borrow() >= tx {
+                return Ok(());
             }
+            self.persist().await?;
         }
     }
 
@@ -379,52 +404,81 @@ impl Trust {
         self.settle(newest).await
     }
 
-    /// One compare-and-set of the row to the current state, proving consistency with whatever
+    /// Moves the row to the current state by compare-and-set, proving consistency with whatever
     /// another replica put there first. Called with `persisting` held.
     async fn persist(&self) -> Result<(), TrustFailure> {
         loop {
             self.check_latch()?;
-            let Anchors { current, row } = self.anchors().clone();
+            let Anchors {
+                current,
+                row,
+                row_linked,
+            } = self.anchors().clone();
             if current.is_fresh() {
                 return Ok(());
             }
-            let swapped = match &row {
-                // The row is not behind us: there is nothing to write, only to link.
-                Some(theirs) if theirs.tx_id >= current.tx_id => Swap::Moved(theirs.clone()),
-                _ => self.row_store.swap(row.as_ref(), &current).await?,
-            };
-            let theirs = match swapped {
-                Swap::Done => {
-                    self.anchors().row = Some(current.clone());
-                    self.mark_settled(current.tx_id);
-                    return Ok(());
+            let Some(row) = row else {
+                match self.row_store.swap(None, &current).await? {
+                    Swap::Done => self.wrote_row(&current),
+                    Swap::Moved(theirs) => self.saw_row(theirs),
                 }
-                Swap::Moved(theirs) => theirs,
+                continue;
             };
-            self.link(&current, &theirs, "the shared trusted state")
-                .await?;
-            let mut anchors = self.anchors();
-            anchors.row = Some(theirs.clone());
-            if theirs.tx_id < current.tx_id {
-                // Behind us and a prefix of our history: swap from it next.
+            if !row_linked {
+                self.link(&current, &row, "the shared trusted state")
+                    .await?;
+                let mut anchors = self.anchors();
+                // Still the row we linked, and either the same current state or one that
+                // extends a current state the row is behind.
+                if anchors.row.as_ref() == Some(&row)
+                    && (anchors.current == current || row.tx_id <= current.tx_id)
+                {
+                    anchors.row_linked = true;
+                }
                 continue;
             }
-            // Ahead of us (or equal) and on our history: what we verified is settled.
-            let adopt = anchors.current == current;
-            if adopt && theirs.tx_id > current.tx_id {
-                metrics()
-                    .trusted_tx_id
-                    .set(i64::try_from(theirs.tx_id).unwrap_or(i64::MAX));
-                anchors.current = theirs.clone();
-            }
-            drop(anchors);
-            self.mark_settled(current.tx_id);
-            if adopt {
-                self.mark_settled(theirs.tx_id);
+            if row.tx_id >= current.tx_id {
+                // The row is ahead (or equal) and on our history: what we verified is settled,
+                // and the row's state becomes ours.
+                let mut anchors = self.anchors();
+                if anchors.current != current {
+                    continue;
+                }
+                if row.tx_id > current.tx_id {
+                    anchors.adopt(row.clone());
+                    anchors.row_linked = true;
+                }
+                drop(anchors);
+                self.mark_settled(row.tx_id);
                 return Ok(());
             }
-            // Our current state moved while we linked: link the new one too.
+            // Behind us and a prefix of our history: move it to our current state.
+            match self.row_store.swap(Some(&row), &current).await? {
+                Swap::Done => {
+                    self.wrote_row(&current);
+                    return Ok(());
+                }
+                Swap::Moved(theirs) => self.saw_row(theirs),
+            }
         }
+    }
+
+    /// The row now holds `written`, a state of our history.
+    fn wrote_row(&self, written: &TrustedState) {
+        {
+            let mut anchors = self.anchors();
+            anchors.row = Some(written.clone());
+            // `written` was current when it was written; any later current state extends it.
+            anchors.row_linked = true;
+        }
+        self.mark_settled(written.tx_id);
+    }
+
+    /// Another replica moved the row to `theirs`: it must be linked before it is relied on.
+    fn saw_row(&self, theirs: TrustedState) {
+        let mut anchors = self.anchors();
+        anchors.row = Some(theirs);
+        anchors.row_linked = false;
     }
 
     fn mark_settled(&self, tx: u64) {
@@ -651,6 +705,118 @@ mod tests {
             trust.current(),
             state(20, 0),
             "the row's newer state is adopted"
+        );
+    }
+
+    /// A prover whose first proof is computed when asked but answered only once the test
+    /// opens the gate: lets a test move the trusted state while a link is in flight.
+    struct Gated {
+        inner: Arc<History>,
+        calls: std::sync::atomic::AtomicUsize,
+        entered: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Prover for Arc<Gated> {
+        fn state_at<'a>(
+            &'a self,
+            from: &'a TrustedState,
+            tx: u64,
+        ) -> BoxFuture<'a, Result<TrustedState, ImmudbError>> {
+            Box::pin(async move {
+                let answer = self.inner.state_at(from, tx).await;
+                if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    self.entered.notify_one();
+                    self.gate.acquire().await.expect("gate").forget();
+                }
+                answer
+            })
+        }
+    }
+
+    fn gated(history: &Arc<History>) -> Arc<Gated> {
+        Arc::new(Gated {
+            inner: history.clone(),
+            calls: std::sync::atomic::AtomicUsize::new(0),
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_answer_linked_to_a_state_that_moved_on_is_linked_again() {
+        let history = Arc::new(History::default());
+        // Branch 0 up to tx 12, then the fork (branch 1) that one writer was shown.
+        history.serve(0, 1..=12);
+        history.serve(1, 13..=20);
+        let prover = gated(&history);
+        let row = Arc::new(Row::default());
+        let trust = Arc::new(Trust::new(
+            state(10, 0),
+            None,
+            Box::new(row.clone()),
+            Box::new(prover.clone()),
+        ));
+        let base = trust.current();
+        trust.accept(&base, state(11, 0)).await.expect("writer b");
+        let a = tokio::spawn({
+            let trust = trust.clone();
+            let base = base.clone();
+            async move { trust.accept(&base, state(15, 1)).await }
+        });
+        // Writer a links tx 15 with tx 11 (a common prefix) while writer c adopts tx 13.
+        prover.entered.notified().await;
+        trust
+            .accept(&state(11, 0), state(13, 0))
+            .await
+            .expect("writer c");
+        prover.gate.add_permits(10);
+        let a = a.await.expect("task");
+        assert!(matches!(a, Err(TrustFailure::Tampered(_))), "{a:?}");
+        assert_eq!(trust.current(), state(13, 0), "the fork is not adopted");
+    }
+
+    #[tokio::test]
+    async fn a_row_linked_before_the_current_state_moved_onto_a_fork_is_linked_again() {
+        let history = Arc::new(History::default());
+        history.serve(0, 1..=130);
+        let prover = gated(&history);
+        let row = Arc::new(Row(Mutex::new(Some(state(100, 0)))));
+        let trust = Arc::new(Trust::new(
+            state(100, 0),
+            Some(state(100, 0)),
+            Box::new(row.clone()),
+            Box::new(prover.clone()),
+        ));
+        trust
+            .accept(&state(100, 0), state(102, 0))
+            .await
+            .expect("accept");
+        // Another replica moved the row to tx 120 of the genuine history.
+        *row.0.lock().unwrap() = Some(state(120, 0));
+        let settling = tokio::spawn({
+            let trust = trust.clone();
+            async move { trust.settle(102).await }
+        });
+        // The link of tx 102 with the row's tx 120 is answered from the genuine history; before
+        // it returns, immudb is rolled back to tx 105 and grown, and a writer adopts tx 125 of
+        // the fork (proven from tx 102, a common prefix).
+        prover.entered.notified().await;
+        history.serve(1, 106..=130);
+        trust
+            .accept(&state(102, 0), state(125, 1))
+            .await
+            .expect("proven from its own anchor");
+        prover.gate.add_permits(10);
+        let settled = settling.await.expect("task");
+        assert!(
+            matches!(settled, Err(TrustFailure::Tampered(_))),
+            "{settled:?}"
+        );
+        assert_eq!(
+            *row.0.lock().unwrap(),
+            Some(state(120, 0)),
+            "the row never holds a forked state"
         );
     }
 

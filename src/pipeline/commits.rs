@@ -1,15 +1,9 @@
-//! The poll thread's side of offset commits: which assignment a partition is in (commits of an
-//! ended assignment are dropped, even when the partition came back meanwhile), and async
-//! commits that failed, re-sent until a later commit supersedes them (otherwise an idle
-//! partition would show its lag for ever).
+//! The poll thread's side of offset commits: which assignment a partition is in, so a commit
+//! of an assignment that ended is dropped, even when the partition came back meanwhile.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use super::offsets::{Commit, TopicPartition};
-
-/// How long a failed commit waits before it is sent again.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The epoch of each partition's current assignment. Epochs never repeat in a process.
 #[derive(Debug, Default)]
@@ -50,54 +44,6 @@ impl Assignments {
     }
 }
 
-/// Async commits that failed, waiting to be sent again.
-#[derive(Debug, Default)]
-pub struct CommitRetries {
-    failed: HashMap<TopicPartition, i64>,
-    due: Option<Instant>,
-}
-
-impl CommitRetries {
-    /// Commits just sent supersede the failed ones they reach.
-    pub fn sent(&mut self, offsets: &[(TopicPartition, i64)]) {
-        for (tp, offset) in offsets {
-            if self.failed.get(tp).is_some_and(|failed| failed <= offset) {
-                self.failed.remove(tp);
-            }
-        }
-    }
-
-    /// Commits the broker refused or that timed out: sent again after [`RETRY_AFTER`].
-    pub fn failed(&mut self, offsets: &[(TopicPartition, i64)], now: Instant) {
-        for (tp, offset) in offsets {
-            let entry = self.failed.entry(tp.clone()).or_insert(*offset);
-            *entry = (*entry).max(*offset);
-        }
-        if !self.failed.is_empty() && self.due.is_none() {
-            self.due = Some(now + RETRY_AFTER);
-        }
-    }
-
-    /// A revoked partition's failed commit is not ours to retry (its final commit went with
-    /// the revocation).
-    pub fn revoke(&mut self, partitions: &[TopicPartition]) {
-        for tp in partitions {
-            self.failed.remove(tp);
-        }
-    }
-
-    /// The failed commits to send again now, if their time has come.
-    pub fn take_due(&mut self, now: Instant) -> Vec<(TopicPartition, i64)> {
-        if self.due.is_none_or(|due| now < due) {
-            return Vec::new();
-        }
-        self.due = None;
-        let mut due: Vec<_> = self.failed.drain().collect();
-        due.sort();
-        due
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,35 +73,5 @@ mod tests {
             epoch: second[0].1,
         };
         assert_eq!(assignments.current(vec![fresh]), vec![(tp(0), 12)]);
-    }
-
-    #[test]
-    fn a_failed_commit_is_sent_again_unless_a_later_one_went_out() {
-        let start = Instant::now();
-        let mut retries = CommitRetries::default();
-        retries.failed(&[(tp(0), 10), (tp(1), 5)], start);
-        assert!(
-            retries.take_due(start).is_empty(),
-            "not before the retry delay"
-        );
-        retries.sent(&[(tp(1), 7)]);
-        assert_eq!(
-            retries.take_due(start + RETRY_AFTER),
-            vec![(tp(0), 10)],
-            "partition 1 moved past its failed commit"
-        );
-        assert!(
-            retries.take_due(start + RETRY_AFTER * 2).is_empty(),
-            "sent once"
-        );
-    }
-
-    #[test]
-    fn a_revoked_partition_is_not_retried() {
-        let start = Instant::now();
-        let mut retries = CommitRetries::default();
-        retries.failed(&[(tp(0), 10)], start);
-        retries.revoke(&[tp(0)]);
-        assert!(retries.take_due(start + RETRY_AFTER).is_empty());
     }
 }

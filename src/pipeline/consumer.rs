@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backpressure::Backpressure;
 pub use super::backpressure::InFlight;
-use super::commits::{Assignments, CommitRetries};
+use super::commits::Assignments;
 use super::dlq::MAX_RECEIVED_BYTES;
 use super::handoff::{Handoff, RevocationSignal};
 use super::offsets::{Commit, TopicPartition};
@@ -54,9 +54,10 @@ pub enum ConsumerEvent {
 /// What the pipeline asks of the poll thread.
 #[derive(Debug)]
 pub enum ConsumerCommand {
-    /// Commit asynchronously; a failed commit is sent again unless a later one supersedes it.
-    /// Commits of an assignment that ended are dropped. The final commit of a partition
-    /// happens synchronously in the revocation callback.
+    /// Commit asynchronously (the committer sends every position again periodically, since a
+    /// failed async commit is not reported back). Commits of an assignment that ended are
+    /// dropped. The final commit of a partition happens synchronously in the revocation
+    /// callback.
     Commit(Vec<Commit>),
 }
 
@@ -64,7 +65,6 @@ pub enum ConsumerCommand {
 #[derive(Default)]
 struct CommitState {
     assignments: Assignments,
-    retries: CommitRetries,
 }
 
 /// The librdkafka context: rebalance hooks, commit results and statistics, in front of the
@@ -74,6 +74,8 @@ pub struct PipelineContext {
     backpressure: Backpressure,
     commits: Mutex<CommitState>,
     health: Arc<Health>,
+    /// Set when the poll thread closes the consumer: the last revocation is the shutdown's.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl PipelineContext {
@@ -112,12 +114,9 @@ impl ConsumerContext for PipelineContext {
         let partitions = partitions_of(list);
         tracing::info!(partitions = %describe(&partitions), "partitions revoked; draining them before hand-over");
         // Records of these partitions polled earlier are held or queued ahead of the event.
-        let answer = self.handoff.revoke(partitions.clone());
-        {
-            let mut commits = self.commits();
-            commits.assignments.revoke(&partitions);
-            commits.retries.revoke(&partitions);
-        }
+        let closing = self.closing.load(std::sync::atomic::Ordering::SeqCst);
+        let answer = self.handoff.revoke(partitions.clone(), closing);
+        self.commits().assignments.revoke(&partitions);
         for tp in &partitions {
             let _ = metrics()
                 .consumer_lag
@@ -158,32 +157,9 @@ impl ConsumerContext for PipelineContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        let failed: Vec<(TopicPartition, i64)> = offsets
-            .elements()
-            .iter()
-            .filter(|e| result.is_err() || e.error().is_err())
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(offset) => {
-                    Some((TopicPartition::new(e.topic(), e.partition()), offset))
-                }
-                _ => None,
-            })
-            .collect();
-        if failed.is_empty() {
-            return;
+        if let Err(error) = result {
+            tracing::warn!(%error, partitions = offsets.count(), "offset commit failed; the committer sends it again");
         }
-        match &result {
-            Err(error) => {
-                tracing::warn!(%error, partitions = failed.len(), "offset commit failed; sending it again")
-            }
-            Ok(()) => tracing::warn!(
-                partitions = failed.len(),
-                "offset commit failed for some partitions; sending it again"
-            ),
-        }
-        self.commits()
-            .retries
-            .failed(&failed, std::time::Instant::now());
     }
 }
 
@@ -197,6 +173,10 @@ pub struct ConsumerLinks {
     pub in_flight: Arc<InFlight>,
     pub max_in_flight_bytes: u64,
     pub revocation: Arc<RevocationSignal>,
+    /// How long the revocation callback waits for the pipeline at most.
+    pub revocation_deadline: Duration,
+    /// The same when the consumer closes (the shutdown drain answers the final revocation).
+    pub close_deadline: Duration,
 }
 
 /// Builds the consumer and subscribes to the configured topics.
@@ -223,6 +203,14 @@ pub fn create(
         .set(
             "session.timeout.ms",
             settings.session_timeout.as_millis().to_string(),
+        )
+        // A member learns of a rebalance at its next heartbeat: a tenth of the session (3 s by
+        // default, librdkafka's own) leaves the revocation its budget within the session.
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout.as_millis() / 10)
+                .max(100)
+                .to_string(),
         )
         .set(
             "max.poll.interval.ms",
@@ -251,6 +239,8 @@ pub fn create(
             links.in_flight.clone(),
             links.health.clone(),
             links.revocation,
+            links.revocation_deadline,
+            links.close_deadline,
         ),
         backpressure: Backpressure::new(
             links.in_flight,
@@ -259,6 +249,7 @@ pub fn create(
         ),
         commits: Mutex::new(CommitState::default()),
         health: links.health,
+        closing: std::sync::atomic::AtomicBool::new(false),
     };
     let consumer: BaseConsumer<PipelineContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -283,7 +274,6 @@ pub fn spawn_poll_thread(
                 while let Ok(command) = commands.try_recv() {
                     run_command(&consumer, command);
                 }
-                resend_failed_commits(&consumer);
                 if !context.handoff.deliver_held() {
                     break;
                 }
@@ -325,6 +315,9 @@ pub fn spawn_poll_thread(
                 run_command(&consumer, command);
             }
             context.handoff.drop_records();
+            context
+                .closing
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("leaving the consumer group");
             drop(consumer);
         })
@@ -339,32 +332,13 @@ fn run_command(consumer: &BaseConsumer<PipelineContext>, command: ConsumerComman
     }
 }
 
-/// Sends again the async commits that failed, for partitions still assigned.
-fn resend_failed_commits(consumer: &BaseConsumer<PipelineContext>) {
-    let due = consumer
-        .context()
-        .commits()
-        .retries
-        .take_due(std::time::Instant::now());
-    if !due.is_empty() {
-        tracing::info!(offsets = %describe_offsets(&due), "sending failed offset commits again");
-        commit_async(consumer, &due);
-    }
-}
-
 fn commit_async(consumer: &BaseConsumer<PipelineContext>, offsets: &[(TopicPartition, i64)]) {
     if offsets.is_empty() {
         return;
     }
-    consumer.context().commits().retries.sent(offsets);
     metrics().offsets_committed.inc_by(offsets.len() as u64);
     if let Err(error) = consumer.commit(&to_list(offsets), CommitMode::Async) {
-        tracing::warn!(%error, "offset commit could not be queued; sending it again");
-        consumer
-            .context()
-            .commits()
-            .retries
-            .failed(offsets, std::time::Instant::now());
+        tracing::warn!(%error, "offset commit could not be queued; the committer sends it again");
     }
 }
 

@@ -48,6 +48,14 @@ pub enum DlqCheckError {
     },
     #[error("KAFKA_DLQ_TOPIC {0} does not exist; create it before starting")]
     Missing(String),
+    #[error(
+        "not allowed to read the configuration of topic {topic} ({code}): grant the consumer's \
+         principal DESCRIBE_CONFIGS on it"
+    )]
+    NotAuthorized {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("cannot read topic configurations from the brokers: {0}")]
     Unreachable(#[source] KafkaError),
 }
@@ -131,11 +139,60 @@ pub struct DlqProducer {
     group: String,
     instance: String,
     breaker: Arc<CircuitBreaker>,
+    /// Dead letters blocked now; the circuit closes when it falls back to 0.
+    blocked: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How long one produce attempt may take before it is retried; a failed DLQ write blocks the
 /// commit, it is never dropped.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A dead letter not acknowledged for this long counts as blocked (opens the DLQ circuit)
+/// whatever its errors say: an ACL or a broker that never acknowledges shows only as timeouts.
+const BLOCKED_AFTER: Duration = Duration::from_secs(60);
+
+/// One dead letter's part in the DLQ circuit (see [`DlqProducer::send`]).
+struct BlockedLetter<'a> {
+    producer: &'a DlqProducer,
+    counted: bool,
+}
+
+impl<'a> BlockedLetter<'a> {
+    fn new(producer: &'a DlqProducer) -> Self {
+        Self {
+            producer,
+            counted: false,
+        }
+    }
+
+    /// Counts this letter as blocked and opens the circuit; true the first time.
+    fn block(&mut self) -> bool {
+        self.producer.breaker.trip();
+        if self.counted {
+            return false;
+        }
+        self.counted = true;
+        self.producer
+            .blocked
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+}
+
+impl Drop for BlockedLetter<'_> {
+    fn drop(&mut self) {
+        if self.counted
+            && self
+                .producer
+                .blocked
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+                == 1
+        {
+            // The last blocked letter went through: no other letter may close it before.
+            self.producer.breaker.record_success();
+        }
+    }
+}
 
 impl DlqProducer {
     /// Creates the idempotent producer with the consumer's connection and security settings.
@@ -185,6 +242,7 @@ impl DlqProducer {
             group: settings.group_id.clone(),
             instance: instance_id.to_owned(),
             breaker,
+            blocked: Arc::default(),
         })
     }
 
@@ -203,10 +261,15 @@ impl DlqProducer {
         tracing::error!(?code, %reason, "the DLQ producer hit a fatal error; starting a new one");
         match self.config.create::<FutureProducer>() {
             Ok(fresh) => {
-                *self
-                    .producer
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+                let old = std::mem::replace(
+                    &mut *self
+                        .producer
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    fresh,
+                );
+                // Destroying a librdkafka handle blocks while it purges: not on a runtime worker.
+                std::thread::spawn(move || drop(old));
             }
             Err(error) => tracing::error!(%error, "cannot start a new DLQ producer"),
         }
@@ -227,6 +290,11 @@ impl DlqProducer {
     ) -> Result<(), DlqError> {
         let headers = self.headers_for(letter);
         let mut delay = Duration::from_millis(200);
+        let first_attempt = std::time::Instant::now();
+        // This letter's share of the DLQ circuit: counted once it is blocked, released (and
+        // the circuit closed when no letter is blocked any more) when it goes through or the
+        // process gives it up.
+        let mut blocked = BlockedLetter::new(self);
         loop {
             let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers.clone());
             if let Some(key) = letter.record.key.as_deref() {
@@ -242,29 +310,25 @@ impl DlqProducer {
                 () = cancel.cancelled() => return Err(DlqError::Cancelled),
             };
             let error = match result {
-                Ok(_) => {
-                    if self.breaker.state() != crate::resilience::CircuitState::Closed {
-                        self.breaker.record_success();
-                    }
-                    return Ok(());
-                }
+                Ok(_) => return Ok(()),
                 Err((error, _)) => error,
             };
             let permanent = is_permanent(&error);
+            // Retrying the same record will not help until an operator acts (a refusal), or
+            // it has not helped for long (an ACL or a broker that never acknowledges shows as
+            // a timeout): say so where it is seen (/ready, the circuit gauge, its alert) and
+            // keep the commit back.
+            if (permanent || first_attempt.elapsed() > BLOCKED_AFTER) && blocked.block() {
+                tracing::error!(
+                    topic = %letter.record.topic,
+                    partition = letter.record.partition,
+                    offset = letter.record.offset,
+                    dlq_topic = %self.topic,
+                    %error,
+                    "the DLQ refuses the record; nothing is committed past it until this is fixed"
+                );
+            }
             if permanent {
-                // Retrying the same record will not help until an operator acts: say so where
-                // it is seen (/ready, the circuit gauge, its alert) and keep the commit back.
-                if self.breaker.state() == crate::resilience::CircuitState::Closed {
-                    tracing::error!(
-                        topic = %letter.record.topic,
-                        partition = letter.record.partition,
-                        offset = letter.record.offset,
-                        dlq_topic = %self.topic,
-                        %error,
-                        "the DLQ refuses the record; nothing is committed past it until this is fixed"
-                    );
-                }
-                self.breaker.trip();
                 self.replace_if_fatal(&producer);
             }
             tracing::warn!(
@@ -378,13 +442,26 @@ pub async fn check_topic_sizes(settings: &KafkaSettings) -> Result<(), DlqCheckE
         .collect();
     let specifiers: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let not_authorized = |code: &RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    };
     let results = admin
         .describe_configs(
             &specifiers,
             &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
         )
         .await
-        .map_err(DlqCheckError::Unreachable)?;
+        .map_err(|error| match error {
+            KafkaError::AdminOp(code) if not_authorized(&code) => DlqCheckError::NotAuthorized {
+                topic: settings.dlq_topic.clone(),
+                code,
+            },
+            other => DlqCheckError::Unreachable(other),
+        })?;
     let mut sizes = Vec::with_capacity(topics.len());
     for (topic, result) in topics.iter().zip(results) {
         let size = match result {
@@ -393,6 +470,12 @@ pub async fn check_topic_sizes(settings: &KafkaSettings) -> Result<(), DlqCheckE
                 .and_then(|entry| entry.value.as_deref())
                 .and_then(|v| v.parse::<u64>().ok()),
             Err(RDKafkaErrorCode::UnknownTopicOrPartition) => None,
+            Err(code) if not_authorized(&code) => {
+                return Err(DlqCheckError::NotAuthorized {
+                    topic: (*topic).to_owned(),
+                    code,
+                });
+            }
             Err(code) => {
                 return Err(DlqCheckError::Unreachable(KafkaError::AdminOp(code)));
             }

@@ -60,6 +60,11 @@ pub struct Handoff {
     in_flight: Arc<InFlight>,
     health: Arc<Health>,
     revocation: Arc<RevocationSignal>,
+    /// The longest a revocation waits for the pipeline's answer; past it, the partitions are
+    /// given up with nothing more committed (their events are redelivered to the next owner).
+    revocation_deadline: Duration,
+    /// The same for the final revocation when the consumer closes (the shutdown drain).
+    close_deadline: Duration,
 }
 
 impl Handoff {
@@ -68,6 +73,8 @@ impl Handoff {
         in_flight: Arc<InFlight>,
         health: Arc<Health>,
         revocation: Arc<RevocationSignal>,
+        revocation_deadline: Duration,
+        close_deadline: Duration,
     ) -> Self {
         Self {
             events,
@@ -75,6 +82,8 @@ impl Handoff {
             in_flight,
             health,
             revocation,
+            revocation_deadline,
+            close_deadline,
         }
     }
 
@@ -121,8 +130,30 @@ impl Handoff {
     }
 
     /// The revocation rendezvous: tells the pipeline, delivers the event after everything held
-    /// and waits (beating) for the offsets to commit. `None` when the pipeline is gone.
-    pub fn revoke(&self, partitions: Vec<TopicPartition>) -> Option<Vec<(TopicPartition, i64)>> {
+    /// and waits (beating) for the offsets to commit, at most its deadline (`closing`: the
+    /// final revocation of a shutdown, which waits for the drain). `None` when the pipeline is
+    /// gone or too late.
+    pub fn revoke(
+        &self,
+        partitions: Vec<TopicPartition>,
+        closing: bool,
+    ) -> Option<Vec<(TopicPartition, i64)>> {
+        let deadline = std::time::Instant::now()
+            + if closing {
+                self.close_deadline
+            } else {
+                self.revocation_deadline
+            };
+        let overdue = || {
+            let late = std::time::Instant::now() >= deadline;
+            if late {
+                tracing::warn!(
+                    "the pipeline did not answer the revocation in time; giving the partitions up \
+                     with nothing more committed (their events are redelivered)"
+                );
+            }
+            late
+        };
         let (reply, mut answer) = oneshot::channel();
         self.revocation.raise();
         self.held()
@@ -135,6 +166,9 @@ impl Handoff {
             if self.held().is_empty() {
                 break true;
             }
+            if overdue() {
+                break false;
+            }
             std::thread::sleep(Duration::from_millis(5));
         };
         let answer = delivered.then(|| {
@@ -142,6 +176,7 @@ impl Handoff {
                 self.health.beat();
                 match answer.try_recv() {
                     Ok(offsets) => break Some(offsets),
+                    Err(oneshot::error::TryRecvError::Empty) if overdue() => break None,
                     Err(oneshot::error::TryRecvError::Empty) => {
                         std::thread::sleep(Duration::from_millis(5))
                     }

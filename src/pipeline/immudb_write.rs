@@ -219,6 +219,10 @@ impl ImmudbWriter<'_> {
                     };
                     return set_all(outcomes, &group, unavailable);
                 }
+                // Writes stopped while this group was being retried: hold, do not probe.
+                Stop::Refused(_) if self.latched() => {
+                    return set_all(outcomes, &group, Outcome::Held);
+                }
                 // A hold never spends a resolution: nothing was learnt about the events.
                 Stop::Refused(error) => {
                     if !self.hold.store_refused(&error).await {
@@ -249,8 +253,12 @@ impl ImmudbWriter<'_> {
         let base = trust.current();
         let result = self
             .retry
-            .run("immudb set", || {
-                self.immudb.verify_set_batch(&kvs, true, &base)
+            .run("immudb set", || async {
+                // Checked before every attempt: the latch may be set during a backoff.
+                if trust.tampered() {
+                    return Err(latched_error());
+                }
+                self.immudb.verify_set_batch(&kvs, true, &base).await
             })
             .await;
         count("set", result.is_ok());
@@ -437,6 +445,15 @@ impl ImmudbWriter<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// What a write attempted after the latch was set fails with (not transient: never retried).
+fn latched_error() -> ImmudbError {
+    ImmudbError::Permanent {
+        op: "verified set",
+        code: tonic::Code::Aborted,
+        message: "writes are stopped: tamper suspected".into(),
     }
 }
 

@@ -83,10 +83,12 @@ pub struct Shared {
 }
 
 /// How long a revocation may take to drain its partitions before it answers with the positions
-/// reached: half the session timeout (the new owner waits for it), and never more than the
+/// reached: a third of the session timeout, so that noticing the rebalance (a heartbeat, a
+/// tenth of it), the drain and the second round of the cooperative protocol together end
+/// within the session timeout (the new owner waits for all of it), and never more than the
 /// shutdown timeout.
 pub fn revocation_budget(settings: &Settings) -> Duration {
-    (settings.kafka.session_timeout / 2).min(settings.shutdown_timeout)
+    (settings.kafka.session_timeout / 3).min(settings.shutdown_timeout)
 }
 
 /// Runs until `shutdown` fires (then drains, commits and leaves the group) or a fatal error.
@@ -107,6 +109,10 @@ pub async fn run(
         in_flight: in_flight.clone(),
         max_in_flight_bytes: settings.pipeline.max_in_flight_bytes,
         revocation: revocation.clone(),
+        // The pipeline answers within its budget; this only guards against a stuck dispatcher
+        // (the drain deadline still answers a final revocation in time).
+        revocation_deadline: revocation_budget(settings) + REVOCATION_GRACE,
+        close_deadline: settings.shutdown_timeout + POLL_THREAD_GRACE,
     };
     let consumer = consumer::create(kafka, &settings.instance_id, links)?;
     let stop_polling = CancellationToken::new();
@@ -254,6 +260,9 @@ pub async fn run(
         None => Ok(()),
     }
 }
+
+/// How long the poll thread waits beyond the revocation budget for the pipeline's answer.
+const REVOCATION_GRACE: Duration = Duration::from_secs(2);
 
 /// How long after the drain deadline the close of the Kafka consumer (its final commit and
 /// leaving the group) may still take.
@@ -414,6 +423,28 @@ impl Dispatcher<'_> {
         }
     }
 
+    /// Hands a batch to its writer if its queue has room, else parks it (past the cap if need
+    /// be), without waiting: for a revocation, which must not wait on a stuck writer.
+    fn hand_over_or_park(&mut self, batch: Batch<BatchItem>) -> Result<(), PipelineError> {
+        let topic = batch.topic.clone();
+        if let Some(queue) = self.parked.get_mut(&topic) {
+            queue.push_back(batch);
+            return Ok(());
+        }
+        let writer = self
+            .writers
+            .entry(topic.clone())
+            .or_insert_with(|| spawn_writer(&self.tasks, self.store.clone()));
+        match writer.try_send(batch) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(batch)) => {
+                self.parked.entry(topic).or_default().push_back(batch);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PipelineError::WriterGone { topic }),
+        }
+    }
+
     /// Sends the topic's oldest parked batch through a permit of its writer's queue.
     fn send_parked(&mut self, topic: &str, permit: mpsc::OwnedPermit<Batch<BatchItem>>) {
         let Some(queue) = self.parked.get_mut(topic) else {
@@ -522,8 +553,9 @@ impl Dispatcher<'_> {
         let until = Instant::now() + revocation_budget(self.settings);
         let topics: HashSet<String> = partitions.iter().map(|tp| tp.topic.clone()).collect();
         for topic in &topics {
+            // Never waits here: the topic's writer may be stuck behind an open circuit.
             let flushed = match self.batcher.take(topic) {
-                Some(batch) => self.dispatch(batch).await,
+                Some(batch) => self.hand_over_or_park(batch),
                 None => Ok(()),
             };
             if let Err(error) = flushed.and(self.unpark(topic, until).await) {
@@ -625,22 +657,37 @@ fn spawn_writer(tasks: &TaskTracker, store: Arc<StoreContext>) -> mpsc::Sender<B
     tx
 }
 
-/// Commits whatever became committable after each batch.
+/// How often every committable position is committed again, moved or not.
+const RECOMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Commits whatever became committable after each batch, and every position again every
+/// [`RECOMMIT_INTERVAL`]: an async commit that failed is not reported back by rust-rdkafka
+/// (no commit callback for manual commits), and an idle partition would keep showing the lag
+/// of a commit that was lost. Committing a position again is idempotent.
 async fn commit_progress(
     tracker: Arc<Mutex<OffsetTracker>>,
     mut progress: watch::Receiver<u64>,
     commands: mpsc::Sender<ConsumerCommand>,
     stop: CancellationToken,
 ) {
+    let mut again = tokio::time::interval(RECOMMIT_INTERVAL);
+    again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    again.tick().await;
     loop {
-        tokio::select! {
-            changed = progress.changed() => if changed.is_err() { return },
+        let everything = tokio::select! {
+            changed = progress.changed() => if changed.is_err() { return } else { false },
+            _ = again.tick() => true,
             () = stop.cancelled() => return,
-        }
-        let commits = tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take_commits();
+        };
+        let commits = {
+            let mut tracker = tracker.lock().unwrap_or_else(|p| p.into_inner());
+            if everything {
+                tracker.take_commits();
+                tracker.current_commits()
+            } else {
+                tracker.take_commits()
+            }
+        };
         if !commits.is_empty()
             && commands
                 .send(ConsumerCommand::Commit(commits))

@@ -183,6 +183,23 @@ impl OffsetTracker {
         commits
     }
 
+    /// Every tracked partition's committed-so-far position, moved or not (to commit again).
+    pub fn current_commits(&self) -> Vec<Commit> {
+        let mut commits: Vec<Commit> = self
+            .partitions
+            .iter()
+            .filter_map(|(tp, state)| {
+                Some(Commit {
+                    partition: tp.clone(),
+                    offset: state.committed?,
+                    epoch: state.epoch,
+                })
+            })
+            .collect();
+        commits.sort();
+        commits
+    }
+
     /// The commit position of one partition, if it is tracked and received anything.
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
         self.partitions
@@ -313,6 +330,21 @@ mod tests {
             positions(tracker.take_commits()),
             vec![(tp(), 2)],
             "the unsettled event holds the partition's commit back"
+        );
+    }
+
+    #[test]
+    fn current_commits_repeat_every_handed_out_position() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(&tp(), 3);
+        let ticket = tracker.received(&tp(), 41);
+        tracker.completed(&tp(), ticket);
+        assert_eq!(positions(tracker.take_commits()), vec![(tp(), 42)]);
+        assert!(tracker.take_commits().is_empty());
+        assert_eq!(
+            positions(tracker.current_commits()),
+            vec![(tp(), 42)],
+            "an idle partition's position is committed again"
         );
     }
 

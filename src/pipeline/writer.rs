@@ -498,15 +498,25 @@ impl StoreContext {
     async fn finish_items(&self, staged: &mut Staged) -> BatchReport {
         if staged.any(|fate| matches!(fate, Fate::InImmudb { .. })) {
             let writable = self.settle(staged).await && self.postgres_available().await;
-            if !writable {
+            let slot = match writable {
+                true => Some(self.postgres_slots.acquire().await),
+                false => None,
+            };
+            // Latched while this batch waited for its turn: nothing more is written.
+            let latched = self.trust.as_deref().is_some_and(Trust::tampered);
+            if !writable || latched {
+                drop(slot);
                 staged.abandon_unsettled();
+                if latched {
+                    self.hold_if_latched().await;
+                }
             } else {
-                let _slot = self.postgres_slots.acquire().await;
                 let started = std::time::Instant::now();
                 let group: Vec<usize> = (0..staged.items.len())
                     .filter(|&i| matches!(staged.items[i].fate, Fate::InImmudb { .. }))
                     .collect();
                 self.write_postgres_group(&mut staged.items, group).await;
+                drop(slot);
                 staged.postgres_time = started.elapsed();
                 metrics()
                     .postgres_write_duration

@@ -548,8 +548,9 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        // Logs are kept when the test failed, so the failure can be read.
-        if !std::thread::panicking() {
+        // Logs are kept when the test failed, so the failure can be read (and always with
+        // KEEP_TEST_LOGS set: a world shared with a task may be dropped outside the panic).
+        if !std::thread::panicking() && std::env::var_os("KEEP_TEST_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.workdir);
         } else {
             eprintln!("test logs kept in {}", self.workdir.display());
