@@ -8,7 +8,8 @@
 #   Debian packages  protobuf-compiler (tonic's protoc), build-essential (cc/make for the bundled
 #                    librdkafka, zstd and ring), pkg-config + libssl-dev (rdkafka's OpenSSL),
 #                    postgresql-client (psql, used by the demo and the local stack), git (the
-#                    advisory database snapshot of the cargo deny step)
+#                    advisory database snapshot of the cargo deny step), curl + jq (the local
+#                    identity provider's admin script and the demo's API calls)
 #   Rust components  rustfmt, clippy
 #   cargo-deny       pinned, built once into ~/.cache/audit-consumer/bin (CI caches that directory)
 set -euo pipefail
@@ -40,6 +41,8 @@ missing_packages() {
   quiet pkg-config --exists openssl || need+=(libssl-dev)
   quiet psql --version || need+=(postgresql-client)
   quiet git --version || need+=(git)
+  quiet curl --version || need+=(curl)
+  quiet jq --version || need+=(jq)
   echo "${need[*]}"
 }
 

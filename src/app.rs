@@ -101,21 +101,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let server_key = match &settings.immudb.server_signing_key {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path).with_context(|| {
-                format!("IMMUDB_SERVER_SIGNING_KEY: reading {}", path.display())
-            })?;
-            let key = StateVerifyingKey::from_public_key_pem(&pem).with_context(|| {
-                format!(
-                    "IMMUDB_SERVER_SIGNING_KEY: {} is not a P-256 public key",
-                    path.display()
-                )
-            })?;
-            Some(key)
-        }
-        None => None,
-    };
+    let server_key = server_signing_key(&settings.immudb)?;
     let immudb = match &server_key {
         Some(key) => immudb.with_server_signing_key(*key),
         None => immudb,
@@ -242,9 +228,27 @@ async fn check_dlq(
     }
 }
 
+/// The immudb state-signing public key (`IMMUDB_SERVER_SIGNING_KEY`), when configured.
+pub(crate) fn server_signing_key(
+    settings: &ImmudbSettings,
+) -> anyhow::Result<Option<StateVerifyingKey>> {
+    let Some(path) = &settings.server_signing_key else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("IMMUDB_SERVER_SIGNING_KEY: reading {}", path.display()))?;
+    let key = StateVerifyingKey::from_public_key_pem(&pem).with_context(|| {
+        format!(
+            "IMMUDB_SERVER_SIGNING_KEY: {} is not a P-256 public key",
+            path.display()
+        )
+    })?;
+    Ok(Some(key))
+}
+
 /// Connects to immudb, retrying while it is unreachable (it may start after us). Returns
 /// `None` when shutdown is requested first.
-async fn connect_immudb(
+pub(crate) async fn connect_immudb(
     settings: &ImmudbSettings,
     health: &Health,
     shutdown: &CancellationToken,
@@ -298,7 +302,7 @@ pub fn immudb_options(settings: &ImmudbSettings) -> anyhow::Result<ImmudbConnect
     })
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
+pub(crate) async fn cancel_on_signal(shutdown: CancellationToken) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -83,8 +83,10 @@ pub const SETTINGS: &[SettingSpec] = &[
     s(
         "kafka.topics",
         "KAFKA_TOPICS",
-        Some("audit.plant-lifecycle.v1,audit.financial.v1,audit.user-actions.v1,audit.system.v1"),
-        "Comma-separated topics to consume.",
+        Some(
+            "audit.plant-lifecycle.v1,audit.financial.v1,audit.user-actions.v1,audit.system.v1,audit.access.v1",
+        ),
+        "Comma-separated topics to consume (`audit.access.v1` holds the read side's access events).",
     ),
     s(
         "kafka.dlq_topic",
@@ -402,6 +404,65 @@ pub const SETTINGS: &[SettingSpec] = &[
         "HTTP_BIND_ADDRESS",
         Some("0.0.0.0"),
         "Address the HTTP sidecar listens on.",
+    ),
+    s(
+        "api.port",
+        "API_PORT",
+        Some("8090"),
+        "Port of `serve`: the read API under `/api/v1`, its OpenAPI document, `/health`, `/ready` and `/metrics`.",
+    ),
+    s(
+        "api.bind_address",
+        "API_BIND_ADDRESS",
+        Some("0.0.0.0"),
+        "Address `serve` listens on.",
+    ),
+    secret(
+        "api.cursor_key",
+        "API_CURSOR_KEY",
+        "Key that authenticates pagination cursors (HMAC-SHA256), the same on every `serve` replica; at least 32 characters. Required by `serve`.",
+    ),
+    s(
+        "api.access_topic",
+        "API_ACCESS_TOPIC",
+        Some("audit.access.v1"),
+        "Kafka topic of the access event `serve` writes for every read (who, role, route, filters, rows); consumed by the write side like any audit topic (it is in the default `KAFKA_TOPICS`).",
+    ),
+    s(
+        "api.query_timeout",
+        "API_QUERY_TIMEOUT",
+        Some("10s"),
+        "Longest a query of `serve` may run (PostgreSQL `statement_timeout`).",
+    ),
+    s(
+        "oidc.issuer",
+        "OIDC_ISSUER",
+        None,
+        "Issuer of the bearer tokens `serve` accepts (their `iss`), e.g. `https://idp.example/realms/audit`. Required by `serve`.",
+    ),
+    s(
+        "oidc.audience",
+        "OIDC_AUDIENCE",
+        Some("audit-api"),
+        "Audience (`aud`) a token must name.",
+    ),
+    s(
+        "oidc.roles_claim",
+        "OIDC_ROLES_CLAIM",
+        Some("realm_access.roles"),
+        "Dotted path of the token claim that lists the caller's roles (`auditor`, `investigator`, `report_admin`).",
+    ),
+    s(
+        "oidc.jwks_url",
+        "OIDC_JWKS_URL",
+        None,
+        "The issuer's signing keys (JWKS); by default the `jwks_uri` of its discovery document.",
+    ),
+    s(
+        "oidc.ca_cert",
+        "OIDC_CA_CERT",
+        None,
+        "CA certificate (PEM file) for the identity provider's TLS; system roots when unset.",
     ),
     s(
         "log.level",
@@ -766,6 +827,29 @@ pub struct PipelineSettings {
     pub postgres_concurrency: usize,
 }
 
+/// The read side (`serve`).
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub port: u16,
+    pub bind_address: std::net::IpAddr,
+    /// HMAC key of the pagination cursors; `serve` refuses to start without it.
+    pub cursor_key: Option<SecretString>,
+    pub access_topic: String,
+    pub query_timeout: Duration,
+}
+
+/// The identity provider whose tokens `serve` accepts.
+#[derive(Debug, Clone)]
+pub struct OidcSettings {
+    /// `serve` refuses to start without it.
+    pub issuer: Option<String>,
+    pub audience: String,
+    /// The claim path, split at the dots.
+    pub roles_claim: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub ca_cert: Option<PathBuf>,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -792,6 +876,8 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     pub dlq: DlqSettings,
     pub http: HttpSettings,
+    pub api: ApiSettings,
+    pub oidc: OidcSettings,
     pub log: LogSettings,
     pub instance_id: String,
     pub shutdown_timeout: Duration,
@@ -977,6 +1063,41 @@ impl Settings {
             stall_timeout: duration(l, "http.stall_timeout")?,
         };
 
+        let api = ApiSettings {
+            port: number(l, "api.port", 0, u16::MAX as u64)? as u16,
+            bind_address: parse_with(l, "api.bind_address", |v| {
+                v.parse()
+                    .map_err(|_| format!("\"{v}\" is not an IP address"))
+            })?,
+            cursor_key: optional(l, "api.cursor_key").map(SecretString::from),
+            access_topic: required(l, "api.access_topic")?,
+            query_timeout: duration(l, "api.query_timeout")?,
+        };
+        if let Some(key) = &api.cursor_key
+            && key.expose_secret().len() < 32
+        {
+            return Err(invalid(
+                "api.cursor_key",
+                "shorter than 32 characters; use a random key (e.g. `openssl rand -hex 32`)".into(),
+            ));
+        }
+        let oidc = OidcSettings {
+            issuer: optional(l, "oidc.issuer"),
+            audience: required(l, "oidc.audience")?,
+            roles_claim: required(l, "oidc.roles_claim")?
+                .split('.')
+                .map(str::to_owned)
+                .collect(),
+            jwks_url: optional(l, "oidc.jwks_url"),
+            ca_cert: optional(l, "oidc.ca_cert").map(PathBuf::from),
+        };
+        if oidc.roles_claim.iter().any(String::is_empty) {
+            return Err(invalid(
+                "oidc.roles_claim",
+                "a dotted claim path without empty parts, e.g. realm_access.roles".into(),
+            ));
+        }
+
         let log = LogSettings {
             level: required(l, "log.level")?,
             format: choice(
@@ -1004,6 +1125,8 @@ impl Settings {
                 max_consecutive_invalid: number(l, "dlq.max_consecutive_invalid", 0, u64::MAX)?,
             },
             http,
+            api,
+            oidc,
             log,
             instance_id: optional(l, "instance_id").unwrap_or_else(|| "audit-consumer".to_owned()),
             shutdown_timeout: duration(l, "shutdown_timeout")?,
@@ -1273,7 +1396,11 @@ mod tests {
         let settings = load_env(&[]).expect("defaults load").settings;
         assert_eq!(settings.kafka.batch_size, 100);
         assert_eq!(settings.kafka.group_id, "gacp-audit-trail-consumer");
-        assert_eq!(settings.kafka.topics.len(), 4);
+        assert_eq!(
+            settings.kafka.topics.len(),
+            5,
+            "four audit topics and the access topic"
+        );
         assert_eq!(settings.retry.max_attempts, 3);
         assert_eq!(settings.shutdown_timeout, Duration::from_secs(25));
     }

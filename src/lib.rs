@@ -2,6 +2,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules; integration tests use them directly.
 
+pub mod api;
 pub mod app;
 pub mod audit;
 pub mod config;

@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Consume, store and commit until SIGTERM/SIGINT (the default).
     Run,
+    /// Serve the read API (search, events, histories, proofs) until SIGTERM/SIGINT.
+    Serve,
     /// Apply the PostgreSQL migrations (run with a role allowed to create tables).
     Migrate,
     /// Print the effective configuration with secrets redacted; exit 1 if it is invalid.
@@ -147,6 +149,7 @@ fn main() -> ExitCode {
                 .await
                 .context("applying PostgreSQL migrations"),
             Command::Run => audit_consumer::app::run(settings).await,
+            Command::Serve => audit_consumer::api::serve(settings).await,
             Command::CheckConfig
             | Command::Verify { .. }
             | Command::Reconcile { .. }
@@ -223,7 +226,9 @@ async fn run_tool(settings: &Settings, command: Command) -> u8 {
                 output.json,
             )
         }
-        Command::Run | Command::Migrate | Command::CheckConfig => return tools::EXIT_USAGE,
+        Command::Run | Command::Serve | Command::Migrate | Command::CheckConfig => {
+            return tools::EXIT_USAGE;
+        }
     };
     match result {
         Ok(verdict) => verdict.exit_code(),

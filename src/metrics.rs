@@ -30,6 +30,10 @@ pub const VERIFICATION_FAILURES: &str = "audit_verification_failures_total";
 pub const TRUSTED_TX_ID: &str = "audit_trusted_tx_id";
 pub const LAST_AUDIT_TIMESTAMP: &str = "audit_last_audit_timestamp_seconds";
 pub const CONSUMER_PAUSED: &str = "audit_consumer_paused";
+pub const API_REQUESTS: &str = "audit_api_requests_total";
+pub const API_REQUEST_DURATION: &str = "audit_api_request_duration_seconds";
+pub const API_ROWS_SERVED: &str = "audit_api_rows_served_total";
+pub const API_ACCESS_EVENTS: &str = "audit_api_access_events_total";
 
 /// Latency of one batch through a store or the whole pipeline: 1 ms … ~2 min.
 const DURATION_BUCKETS: &[f64] = &[
@@ -73,6 +77,14 @@ pub struct Metrics {
     pub trusted_tx_id: IntGauge,
     /// Unix time of the last completed continuous audit.
     pub last_audit_timestamp: IntGauge,
+    /// Read API (`serve`): `{route, status}`.
+    pub api_requests: IntCounterVec,
+    /// Read API: `{route}`.
+    pub api_request_duration: HistogramVec,
+    /// Read API: trail rows returned, `{route}`.
+    pub api_rows_served: IntCounterVec,
+    /// Read API: access events, `{outcome}` = `recorded` or `failed`.
+    pub api_access_events: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -176,6 +188,30 @@ impl Metrics {
                 "Unix time of the last continuous audit.",
             )
             .expect("static metric definition"),
+            api_requests: counter_vec(
+                API_REQUESTS,
+                "Read API requests, by route template and HTTP status.",
+                &["route", "status"],
+            ),
+            api_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    API_REQUEST_DURATION,
+                    "Read API request time, from the request to the response's headers.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["route"],
+            )
+            .expect("static metric definition"),
+            api_rows_served: counter_vec(
+                API_ROWS_SERVED,
+                "Audit trail rows returned by the read API.",
+                &["route"],
+            ),
+            api_access_events: counter_vec(
+                API_ACCESS_EVENTS,
+                "Access events of reads, by outcome (a failed one refuses the read).",
+                &["outcome"],
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.events_processed.clone()),
@@ -197,6 +233,10 @@ impl Metrics {
             Box::new(m.verification_failures.clone()),
             Box::new(m.trusted_tx_id.clone()),
             Box::new(m.last_audit_timestamp.clone()),
+            Box::new(m.api_requests.clone()),
+            Box::new(m.api_request_duration.clone()),
+            Box::new(m.api_rows_served.clone()),
+            Box::new(m.api_access_events.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for collector in collectors {
@@ -204,7 +244,7 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
-        for service in ["immudb", "postgres"] {
+        for service in ["immudb", "postgres", "dlq"] {
             m.circuit_breaker_state.with_label_values(&[service]).set(0);
         }
         m

@@ -388,11 +388,23 @@ impl ImmudbClient {
 
     /// Reads the current value of `key`; `None` when the key does not exist.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, ImmudbError> {
+        self.get_at(key, None).await
+    }
+
+    /// Reads `key` as transaction `at_tx` wrote it (`None`: its current value); `None` when
+    /// there is no such entry. A plain read: see [`verified_get`](Self::verified_get) for one
+    /// with proofs.
+    pub async fn get_at(
+        &self,
+        key: &[u8],
+        at_tx: Option<u64>,
+    ) -> Result<Option<Entry>, ImmudbError> {
         let result = self
             .call_raw("get", |mut grpc, sid| {
                 let request = with_session(
                     proto::KeyRequest {
                         key: key.to_vec(),
+                        at_tx: at_tx.unwrap_or(0),
                         ..Default::default()
                     },
                     sid,

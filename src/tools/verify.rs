@@ -201,16 +201,59 @@ async fn check(
         saved: false,
     };
 
+    let Some(proven) = prove_row(immudb, &row, &trusted, report).await? else {
+        report.trust = Some(trust);
+        return Ok(());
+    };
+    // The proof holds whatever PostgreSQL says: immudb's state is proven, so it is the new
+    // anchor, moved by compare-and-set like the daemon's (a row another replica moved meanwhile
+    // is proven consistent first).
+    trust.trusted_tx_after = Some(proven.tx_id);
+    let anchors = Trust::new(
+        trusted.clone(),
+        stored,
+        Box::new(store),
+        Box::new(immudb.clone()),
+    );
+    let newest = proven.tx_id;
+    let saved = match anchors.accept(&trusted, proven.clone()).await {
+        Ok(()) => anchors.settle(newest).await,
+        Err(failure) => Err(failure),
+    };
+    match saved {
+        Ok(()) => trust.saved = !proven.is_fresh(),
+        Err(TrustFailure::Tampered(detail)) => {
+            report.proof_error = Some(detail.clone());
+            report.findings.push(format!(
+                "the proven state contradicts the shared trusted state: {detail}"
+            ));
+        }
+        Err(e) => eprintln!("warning: the trusted state could not be saved: {e}"),
+    }
+    report.trust = Some(trust);
+    Ok(())
+}
+
+/// Proves `row` against immudb from `trusted`: the entry at the row's key and transaction is
+/// read with its proofs, its SHA-256 compared with `payload_sha256`, its decoded value compared
+/// with every column, and its key checked for later revisions. Every problem goes to
+/// `report.findings`. Returns the proven state when the proofs held. Shared by `verify` and the
+/// read API's `?verify=true`.
+pub async fn prove_row(
+    immudb: &crate::immudb::ImmudbClient,
+    row: &StoredRow,
+    trusted: &TrustedState,
+    report: &mut VerifyReport,
+) -> Result<Option<TrustedState>, ToolError> {
     let Ok(tx) = u64::try_from(row.immudb_tx) else {
         report.findings.push(format!(
             "immudb_tx {} is not a transaction id",
             row.immudb_tx
         ));
-        report.trust = Some(trust);
-        return Ok(());
+        return Ok(None);
     };
     let key = row.immudb_key.as_bytes();
-    let verified = match immudb.verified_get(key, Some(tx), &trusted).await {
+    let verified = match immudb.verified_get(key, Some(tx), trusted).await {
         Ok(Some(found)) => Some(found),
         Ok(None) => {
             report.proof_error = Some(format!("no entry for the key at tx {tx}"));
@@ -240,8 +283,7 @@ async fn check(
         Err(e) => return Err(ToolError::immudb("verified read from immudb", &e)),
     };
     let Some((entry, proven)) = verified else {
-        report.trust = Some(trust);
-        return Ok(());
+        return Ok(None);
     };
     report.proof_verified = true;
 
@@ -259,7 +301,7 @@ async fn check(
     }
     match event::decode(&entry.value) {
         Ok(decoded) => {
-            report.fields = compare_fields(&row, &decoded, &row.immudb_key);
+            report.fields = compare_fields(row, &decoded, &row.immudb_key);
             report.differing_fields = differing(&report.fields);
             if !report.differing_fields.is_empty() {
                 report.findings.push(format!(
@@ -294,33 +336,7 @@ async fn check(
         Err(e) => return Err(ToolError::immudb("reading the key's latest revision", &e)),
     }
 
-    // The proof holds whatever PostgreSQL says: immudb's state is proven, so it is the new
-    // anchor, moved by compare-and-set like the daemon's (a row another replica moved meanwhile
-    // is proven consistent first).
-    trust.trusted_tx_after = Some(proven.tx_id);
-    let anchors = Trust::new(
-        trusted.clone(),
-        stored,
-        Box::new(store),
-        Box::new(immudb.clone()),
-    );
-    let newest = proven.tx_id;
-    let saved = match anchors.accept(&trusted, proven.clone()).await {
-        Ok(()) => anchors.settle(newest).await,
-        Err(failure) => Err(failure),
-    };
-    match saved {
-        Ok(()) => trust.saved = !proven.is_fresh(),
-        Err(TrustFailure::Tampered(detail)) => {
-            report.proof_error = Some(detail.clone());
-            report.findings.push(format!(
-                "the proven state contradicts the shared trusted state: {detail}"
-            ));
-        }
-        Err(e) => eprintln!("warning: the trusted state could not be saved: {e}"),
-    }
-    report.trust = Some(trust);
-    Ok(())
+    Ok(Some(proven))
 }
 
 fn render_human(r: &VerifyReport) -> String {

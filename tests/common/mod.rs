@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod idp;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,6 +26,9 @@ use tokio::time::Instant;
 
 /// Password of each test's least-privilege login (a member of `audit_writer`).
 pub const WRITER_PASSWORD: &str = "audit-writer-test";
+
+/// Password of each test's read-side login (a member of `audit_reader`).
+pub const READER_PASSWORD: &str = "audit-reader-test";
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -139,6 +144,24 @@ impl World {
     /// The daemon's PostgreSQL user in this world.
     pub fn writer_user(&self) -> String {
         format!("{}_writer", self.id)
+    }
+
+    /// Creates one more topic of this world (e.g. the access topic of the read side).
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topics(&[(name.to_owned(), partitions)]).await;
+    }
+
+    /// A fresh SELECT-only PostgreSQL login (a member of `audit_reader`) for the read side.
+    pub async fn reader_login(&self) -> (String, String) {
+        let user = format!("{}_{}", self.id, unique("reader"));
+        let pg = self.pg().await;
+        sqlx::query(&format!(
+            "CREATE ROLE \"{user}\" LOGIN PASSWORD '{READER_PASSWORD}' IN ROLE audit_reader"
+        ))
+        .execute(&pg)
+        .await
+        .expect("create the test's reader login");
+        (user, READER_PASSWORD.to_owned())
     }
 
     async fn create_topics(&self, topics: &[(String, i32)]) {
