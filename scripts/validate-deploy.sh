@@ -15,11 +15,19 @@
 #   2. schema   kubernetes-validate (PyPI, ships the Kubernetes JSON schemas) --strict against
 #               Kubernetes $KUBE_VERSIONS; the Prometheus Operator CRs (PodMonitor,
 #               PrometheusRule) have no schema there and are checked by step 3 instead
-#   3. policy   this script's own checks of the rendered output: security context, probes,
-#               resources, grace period vs SHUTDOWN_TIMEOUT, every env var known to the daemon
-#               (README configuration table), *_FILE paths inside mounted Secrets whose keys
-#               exist, selectors/ports of Service, PDB, NetworkPolicy and PodMonitor, the
-#               NetworkPolicy admitting the configured store ports, PrometheusRule == alerts.yaml
+#   3. policy   this script's own checks of the rendered output, for each workload described
+#               in WORKLOADS (audit-consumer: `run`; audit-api: `serve`) with the same rigor:
+#               role (args), replicas, init containers, security context, probes (paths, port),
+#               resources, graceful stop (consumer: grace period vs SHUTDOWN_TIMEOUT; API: preStop
+#               pause + one request's timeouts), every env var known to the daemon (README
+#               configuration table + the deploy-only extras), secrets only as *_FILE paths into
+#               mounted Secrets whose keys exist, the API's own logins; then the objects around
+#               the pods: each Service, PDB, NetworkPolicy and PodMonitor selects exactly one
+#               workload, on that workload's port; NetworkPolicy ingress only on it, egress to
+#               DNS, Kafka, immudb, PostgreSQL (and the identity provider for the API), peers
+#               narrowed in overlays; across workloads: one image, no shared Secret or
+#               ServiceAccount, API_ACCESS_TOPIC consumed by the consumer, the alerts' jobs;
+#               PrometheusRule == alerts.yaml
 #   4. lint     kube-linter (Go module proxy) on the rendered output
 #   5. rules    promtool check rules + promtool test rules (promtool built from the pinned
 #               wrapper module deploy/prometheus/tools)
@@ -294,21 +302,80 @@ def cmd_split(rendered, core_out, crs_out):
 KNOWN_EXTRA_ENV = {
     "AUDIT_CONFIG_FILE": "config file path (README)",
     "POSTGRES_MIGRATE_USERNAME": "deploy-only: the migrate init container's PostgreSQL role",
+    "POSTGRES_READER_USERNAME": "deploy-only: the read API's PostgreSQL login (role audit_reader)",
+    "IMMUDB_READER_USERNAME": "deploy-only: the read API's immudb user (read permission)",
+    "KAFKA_API_SASL_USERNAME": "deploy-only: the read API's Kafka user (WRITE on API_ACCESS_TOPIC)",
+}
+
+PROBES = {"startupProbe": "/health", "livenessProbe": "/health", "readinessProbe": "/ready"}
+
+# How long `serve` waits for the broker to acknowledge a read's access event
+# (ACK_TIMEOUT in src/api/access.rs); part of the longest request a graceful stop must allow.
+ACCESS_ACK_SECONDS = 10
+
+# The workloads of deploy/k8s: what the policy expects of each Deployment and of the objects
+# around it. Every rendered Deployment must be one of these, and each of these must be rendered.
+WORKLOADS = {
+    # The write side: one consumer group, static size (partitions are spread over three).
+    "audit-consumer": {
+        "container": "audit-consumer",
+        "args": ["run"],
+        "replicas": (3, 3),
+        "init_containers": ["migrate"],
+        "port_name": "http",
+        "port_env": "HEALTH_PORT",
+        "port_default": 8080,
+        "metrics_port_env": "METRICS_PORT",
+        # Also pinned in README "Kubernetes" and AuditConsumerMemoryNearLimit (512Mi).
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"},
+                      "limits": {"cpu": "500m", "memory": "512Mi"}},
+        "job": "audit-consumer",
+        "secret_files": ["IMMUDB_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"],
+        "stop": "drain",  # SHUTDOWN_TIMEOUT below terminationGracePeriodSeconds
+        "service_required": False,
+        "identity_provider": False,
+        "logins": {},
+    },
+    # The read side: stateless, at least two replicas, its own logins.
+    "audit-api": {
+        "container": "audit-api",
+        "args": ["serve"],
+        "replicas": (2, None),
+        "init_containers": [],
+        "port_name": "http-api",
+        "port_env": "API_PORT",
+        "port_default": 8090,
+        "metrics_port_env": None,
+        # Provisional until benches/api.rs measures the API (api-deployment.yaml says so).
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                      "limits": {"cpu": "1", "memory": "256Mi"}},
+        "job": "audit-api",
+        "secret_files": ["API_CURSOR_KEY_FILE", "IMMUDB_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"],
+        "stop": "requests",  # in-flight requests finish: preStop pause + one request's timeouts
+        "service_required": True,
+        "identity_provider": True,
+        # variable `serve` reads -> the ConfigMap key it must come from (least privilege)
+        "logins": {"POSTGRES_USERNAME": "POSTGRES_READER_USERNAME",
+                   "IMMUDB_USERNAME": "IMMUDB_READER_USERNAME",
+                   "KAFKA_SASL_USERNAME": "KAFKA_API_SASL_USERNAME"},
+    },
 }
 
 
 def readme_env(readme):
-    """Every environment variable of the README configuration table."""
-    names = set()
+    """Every environment variable of the README configuration table, and the secret ones."""
+    names, secret = set(), set()
     for line in open(readme):
         if not line.startswith("| `"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 2:
             continue
-        for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[1]):
-            names.add(name)
-    return names
+        found = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[1])
+        names.update(found)
+        if len(cells) > 2 and "(secret" in cells[2]:
+            secret.update(n for n in found if not n.endswith("_FILE"))
+    return names, secret
 
 
 def duration_seconds(text):
@@ -323,233 +390,425 @@ def selector_matches(selector, labels):
     return all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
+def url_port(url):
+    """(scheme, port) of an http(s) URL, the port defaulting to the scheme's."""
+    m = re.fullmatch(r"(https?)://([^/:?#]+)(?::(\d+))?([/?#].*)?", url or "")
+    if not m:
+        return None, None
+    return m.group(1), int(m.group(3) or (443 if m.group(1) == "https" else 80))
+
+
 def cmd_policy(rendered, readme, alerts, name):
     docs = load_all(rendered)
     by_kind = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
-    known_env = readme_env(readme)
+    known_env, secret_env = readme_env(readme)
     if len(known_env) < 30:
         err(f"found only {len(known_env)} variables in the README configuration table")
+    if not {"POSTGRES_PASSWORD", "API_CURSOR_KEY"} <= secret_env:
+        err(f"the README configuration table marks only {sorted(secret_env)} as secrets")
     known_env |= set(KNOWN_EXTRA_ENV)
     configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in by_kind.get("ConfigMap", [])}
     secrets = {d["metadata"]["name"]: set((d.get("data") or {}).keys()) | set((d.get("stringData") or {}).keys())
                for d in by_kind.get("Secret", [])}
+    service_accounts = {d["metadata"]["name"] for d in by_kind.get("ServiceAccount", [])}
     overlay = name != "base"
+    with open(alerts) as f:
+        alerts_text = f.read()
 
-    deployments = by_kind.get("Deployment", [])
-    if len(deployments) != 1:
-        err(f"expected one Deployment, found {len(deployments)}")
-        return finish("")
-    dep = deployments[0]
-    spec = dep["spec"]
-    pod = spec["template"]["spec"]
-    pod_labels = spec["template"]["metadata"].get("labels", {})
-    where = f"Deployment/{dep['metadata']['name']}"
-
-    if spec.get("replicas") != 3:
-        err(f"{where}: replicas {spec.get('replicas')}, expected 3")
-    if not selector_matches(spec["selector"].get("matchLabels"), pod_labels):
-        err(f"{where}: selector does not match the pod template labels")
-    if pod.get("automountServiceAccountToken") is not False:
-        err(f"{where}: automountServiceAccountToken must be false")
-    sa = pod.get("serviceAccountName")
-    if sa not in {d["metadata"]["name"] for d in by_kind.get("ServiceAccount", [])}:
-        err(f"{where}: serviceAccountName {sa!r} is not rendered")
-    psc = pod.get("securityContext", {})
-    for key, want in (("runAsNonRoot", True), ("runAsUser", 10001)):
-        if psc.get(key) != want:
-            err(f"{where}: pod securityContext.{key} is {psc.get(key)!r}, expected {want!r}")
-    if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
-        err(f"{where}: pod seccompProfile must be RuntimeDefault")
-    spread = pod.get("topologySpreadConstraints", [])
-    anti = pod.get("affinity", {}).get("podAntiAffinity")
-    if not any(c.get("topologyKey") == "kubernetes.io/hostname" for c in spread) and not anti:
-        err(f"{where}: no spreading across nodes (topologySpreadConstraints or podAntiAffinity)")
-
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    grace = pod.get("terminationGracePeriodSeconds", 30)
-    containers = pod.get("containers", [])
-    inits = pod.get("initContainers", [])
-    main = next((c for c in containers if c["name"] == "audit-consumer"), None)
-    if main is None:
-        err(f"{where}: no container named audit-consumer")
+    # --- which Deployment is which workload ----------------------------------------------
+    deployments = {}
+    for dep in by_kind.get("Deployment", []):
+        dname = dep["metadata"]["name"]
+        if dname not in WORKLOADS:
+            err(f"Deployment/{dname}: not a known workload ({', '.join(WORKLOADS)}); describe it in WORKLOADS first")
+        elif dname in deployments:
+            err(f"Deployment/{dname}: rendered twice")
+        else:
+            deployments[dname] = dep
+    for wname in WORKLOADS:
+        if wname not in deployments:
+            err(f"no Deployment {wname}")
+    if ERRORS:
         return finish("")
 
-    def env_of(c):
+    # Facts about each workload gathered below, for the objects around it and the cross-checks.
+    pod_labels = {w: d["spec"]["template"]["metadata"].get("labels", {}) for w, d in deployments.items()}
+    main_env = {}      # workload -> effective environment of its main container
+    env_refs = {}      # workload -> {variable: (ConfigMap, key)} of configMapKeyRef variables
+    ports = {}         # workload -> {containerPort name: number} of its main container
+    app_port = {}      # workload -> the port its probes, Service, NetworkPolicy and monitor use
+    secret_users = {}  # Secret -> workloads that mount it
+    images = {}        # image -> containers
+
+    def env_of(where, c, refs):
         env = {}
         for ref in c.get("envFrom", []):
             cm = ref.get("configMapRef", {}).get("name")
             if cm is not None:
                 if cm not in configmaps:
-                    err(f"{where}/{c['name']}: envFrom ConfigMap {cm!r} is not rendered")
+                    err(f"{where}: envFrom ConfigMap {cm!r} is not rendered")
                 env.update(configmaps.get(cm, {}))
+            if "secretRef" in ref:
+                err(f"{where}: envFrom a Secret puts secrets into the environment; mount it and use *_FILE")
         for e in c.get("env", []):
             if "value" in e:
                 env[e["name"]] = e["value"]
+                continue
+            src = e.get("valueFrom", {})
+            if "configMapKeyRef" in src:
+                ref = src["configMapKeyRef"]
+                if ref["key"] not in configmaps.get(ref["name"], {}):
+                    err(f"{where}: {e['name']} refers to missing ConfigMap key {ref['name']}/{ref['key']}")
+                env[e["name"]] = configmaps.get(ref["name"], {}).get(ref["key"])
+                refs[e["name"]] = (ref["name"], ref["key"])
+            elif "secretKeyRef" in src:
+                err(f"{where}: {e['name']} takes a Secret into the environment; mount it and use *_FILE")
+                env[e["name"]] = src
             else:
-                src = e.get("valueFrom", {})
-                if "configMapKeyRef" in src:
-                    ref = src["configMapKeyRef"]
-                    if ref["key"] not in configmaps.get(ref["name"], {}):
-                        err(f"{where}/{c['name']}: {e['name']} refers to missing ConfigMap key {ref['name']}/{ref['key']}")
-                    env[e["name"]] = configmaps.get(ref["name"], {}).get(ref["key"])
-                else:
-                    env[e["name"]] = src
+                env[e["name"]] = src
         return env
 
-    for c in containers + inits:
-        cw = f"{where}/{c['name']}"
-        sc = c.get("securityContext", {})
-        if sc.get("allowPrivilegeEscalation") is not False:
-            err(f"{cw}: allowPrivilegeEscalation must be false")
-        if sc.get("readOnlyRootFilesystem") is not True:
-            err(f"{cw}: readOnlyRootFilesystem must be true")
-        if sc.get("privileged"):
-            err(f"{cw}: privileged")
-        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
-            err(f"{cw}: capabilities must drop ALL")
-        if sc.get("capabilities", {}).get("add"):
-            err(f"{cw}: adds capabilities")
-        res = c.get("resources", {})
-        for kind in ("requests", "limits"):
-            for r in ("cpu", "memory"):
-                if r not in res.get(kind, {}):
-                    err(f"{cw}: resources.{kind}.{r} unset")
-        image = c.get("image", "")
-        if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
-            err(f"{cw}: image {image!r} has no pinned tag")
-        if overlay and "set-by-overlay" in image:
-            err(f"{cw}: the overlay does not set the image (images: in kustomization.yaml)")
-        env = env_of(c)
-        for var in env:
-            base_var = var[:-5] if var.endswith("_FILE") else var
-            if var in known_env or base_var in known_env or var.startswith("KAFKA_PROP_"):
+    # --- each workload: pod, containers, main container -----------------------------------
+    for wname, dep in deployments.items():
+        want = WORKLOADS[wname]
+        spec = dep["spec"]
+        pod = spec["template"]["spec"]
+        labels = pod_labels[wname]
+        where = f"Deployment/{wname}"
+
+        low, high = want["replicas"]
+        replicas = spec.get("replicas", 1)
+        if replicas < low or (high is not None and replicas > high):
+            err(f"{where}: replicas {replicas}, expected " + (f"{low}" if low == high else f"at least {low}"))
+        if not selector_matches(spec["selector"].get("matchLabels"), labels):
+            err(f"{where}: selector does not match the pod template labels")
+        if pod.get("automountServiceAccountToken") is not False:
+            err(f"{where}: automountServiceAccountToken must be false")
+        if pod.get("enableServiceLinks") is not False:
+            err(f"{where}: enableServiceLinks must be false (a Service named postgres would set POSTGRES_PORT)")
+        sa = pod.get("serviceAccountName")
+        if sa not in service_accounts:
+            err(f"{where}: serviceAccountName {sa!r} is not rendered")
+        psc = pod.get("securityContext", {})
+        for key, value in (("runAsNonRoot", True), ("runAsUser", 10001), ("fsGroup", 10001)):
+            if psc.get(key) != value:
+                err(f"{where}: pod securityContext.{key} is {psc.get(key)!r}, expected {value!r}")
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            err(f"{where}: pod seccompProfile must be RuntimeDefault")
+        spread = pod.get("topologySpreadConstraints", [])
+        anti = pod.get("affinity", {}).get("podAntiAffinity")
+        if not any(c.get("topologyKey") == "kubernetes.io/hostname" for c in spread) and not anti:
+            err(f"{where}: no spreading across nodes (topologySpreadConstraints or podAntiAffinity)")
+
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for v in volumes.values():
+            if "secret" in v:
+                secret_users.setdefault(v["secret"]["secretName"], set()).add(wname)
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        containers = pod.get("containers", [])
+        inits = pod.get("initContainers", [])
+        init_names = [c["name"] for c in inits]
+        if init_names != want["init_containers"]:
+            err(f"{where}: init containers {init_names}, expected {want['init_containers']}"
+                + ("" if want["init_containers"] else " (stateless: migrations belong to the consumer)"))
+        main = next((c for c in containers if c["name"] == want["container"]), None)
+        if main is None:
+            err(f"{where}: no container named {want['container']}")
+            continue
+        if len(containers) != 1:
+            err(f"{where}: containers {[c['name'] for c in containers]}, expected only {want['container']}")
+
+        for c in containers + inits:
+            cw = f"{where}/{c['name']}"
+            sc = c.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False:
+                err(f"{cw}: allowPrivilegeEscalation must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                err(f"{cw}: readOnlyRootFilesystem must be true")
+            if sc.get("privileged"):
+                err(f"{cw}: privileged")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                err(f"{cw}: capabilities must drop ALL")
+            if sc.get("capabilities", {}).get("add"):
+                err(f"{cw}: adds capabilities")
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if r not in res.get(kind, {}):
+                        err(f"{cw}: resources.{kind}.{r} unset")
+            image = c.get("image", "")
+            images.setdefault(image, []).append(cw)
+            if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
+                err(f"{cw}: image {image!r} has no pinned tag")
+            if overlay and "set-by-overlay" in image:
+                err(f"{cw}: the overlay does not set the image (images: in kustomization.yaml)")
+            refs = {}
+            env = env_of(cw, c, refs)
+            for var in env:
+                base_var = var[:-5] if var.endswith("_FILE") else var
+                if var in known_env or base_var in known_env or var.startswith("KAFKA_PROP_"):
+                    continue
+                err(f"{cw}: environment variable {var} is not read by the daemon (README configuration table)")
+            for var in sorted(secret_env & set(env)):
+                err(f"{cw}: {var} is a secret: set {var}_FILE to a file of a mounted Secret instead")
+            mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts", [])}
+            for m in mounts.values():
+                if m["name"] not in volumes:
+                    err(f"{cw}: volumeMount {m['name']} has no volume")
+                elif "secret" in volumes[m["name"]] and m.get("readOnly") is not True:
+                    err(f"{cw}: Secret volume {m['name']} is not mounted readOnly")
+            for var, value in env.items():
+                if not var.endswith("_FILE") or not isinstance(value, str):
+                    continue
+                directory, _, key = value.rpartition("/")
+                m = mounts.get(directory)
+                if m is None:
+                    err(f"{cw}: {var}={value}: no volume is mounted at {directory}")
+                    continue
+                vol = volumes.get(m["name"], {})
+                if "secret" not in vol:
+                    err(f"{cw}: {var} points into volume {m['name']}, which is not a Secret")
+                    continue
+                secret = vol["secret"]["secretName"]
+                if overlay:
+                    if secret not in secrets:
+                        err(f"{cw}: {var}: Secret {secret} is not rendered by this overlay")
+                    elif key not in secrets[secret]:
+                        err(f"{cw}: {var}: Secret {secret} has no key {key!r}")
+            if c is not main:
                 continue
-            err(f"{cw}: environment variable {var} is not read by the daemon (README configuration table)")
-        mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts", [])}
-        for m in mounts.values():
-            if m["name"] not in volumes:
-                err(f"{cw}: volumeMount {m['name']} has no volume")
-        for var, value in env.items():
-            if not var.endswith("_FILE") or not isinstance(value, str):
-                continue
-            directory, _, key = value.rpartition("/")
-            m = mounts.get(directory)
-            if m is None:
-                err(f"{cw}: {var}={value}: no volume is mounted at {directory}")
-                continue
-            vol = volumes.get(m["name"], {})
-            if "secret" not in vol:
-                err(f"{cw}: {var} points into volume {m['name']}, which is not a Secret")
-                continue
-            secret = vol["secret"]["secretName"]
-            if overlay:
-                if secret not in secrets:
-                    err(f"{cw}: {var}: Secret {secret} is not rendered by this overlay")
-                elif key not in secrets[secret]:
-                    err(f"{cw}: {var}: Secret {secret} has no key {key!r}")
-        if c is main:
-            shutdown = duration_seconds(str(env.get("SHUTDOWN_TIMEOUT", "25s")))
-            if shutdown is None:
-                err(f"{cw}: SHUTDOWN_TIMEOUT {env.get('SHUTDOWN_TIMEOUT')!r} is not a duration")
-            elif not grace > shutdown + 5:
-                err(f"{cw}: terminationGracePeriodSeconds {grace} must exceed SHUTDOWN_TIMEOUT ({shutdown:g}s) with margin")
+
+            # the main container: its role, ports, probes, stop, logins
+            main_env[wname], env_refs[wname] = env, refs
+            if c.get("args") != want["args"] or c.get("command"):
+                err(f"{cw}: args {c.get('args')!r}" + (f", command {c.get('command')!r}" if c.get("command") else "")
+                    + f", expected args {want['args']!r} (same image, the role is chosen by the argument)")
             if env.get("INSTANCE_ID", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
                 err(f"{cw}: INSTANCE_ID must come from the pod name (downward API)")
-            ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
-            health_port = int(env.get("HEALTH_PORT", 8080))
-            metrics_port = int(env.get("METRICS_PORT", health_port))
-            if ports.get("http") != health_port:
-                err(f"{cw}: containerPort http {ports.get('http')} != HEALTH_PORT {health_port}")
-            if metrics_port != health_port and metrics_port not in ports.values():
-                err(f"{cw}: METRICS_PORT {metrics_port} has no containerPort")
-            probes = {k: c.get(k) for k in ("livenessProbe", "readinessProbe", "startupProbe")}
-            for k, want in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
-                p = probes[k]
+            if "KAFKA_GROUP_INSTANCE_ID" in env:
+                err(f"{cw}: KAFKA_GROUP_INSTANCE_ID set: no static membership in a Deployment (pods are renamed by every rollout)")
+            ports[wname] = cports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            try:
+                port = int(env.get(want["port_env"], want["port_default"]))
+            except (TypeError, ValueError):
+                err(f"{cw}: {want['port_env']} {env.get(want['port_env'])!r} is not a port")
+                continue
+            app_port[wname] = port
+            if cports.get(want["port_name"]) != port:
+                err(f"{cw}: containerPort {want['port_name']} {cports.get(want['port_name'])} != {want['port_env']} {port}")
+            if want["metrics_port_env"]:
+                metrics_port = int(env.get(want["metrics_port_env"], port))
+                if metrics_port != port and metrics_port not in cports.values():
+                    err(f"{cw}: {want['metrics_port_env']} {metrics_port} has no containerPort")
+            for k, path in PROBES.items():
+                p = c.get(k)
                 if not p:
                     err(f"{cw}: no {k}")
                     continue
                 get = p.get("httpGet", {})
-                if get.get("path") != want:
-                    err(f"{cw}: {k} path {get.get('path')!r}, expected {want}")
-                if get.get("port") not in ("http", health_port):
-                    err(f"{cw}: {k} port {get.get('port')!r} is not the health port")
-            lp = probes["livenessProbe"] or {}
+                if get.get("path") != path:
+                    err(f"{cw}: {k} path {get.get('path')!r}, expected {path}")
+                if get.get("port") not in (want["port_name"], port):
+                    err(f"{cw}: {k} port {get.get('port')!r} is not {want['port_name']} ({want['port_env']} {port})")
+            lp = c.get("livenessProbe") or {}
             if lp.get("periodSeconds", 10) * lp.get("failureThreshold", 3) < 30:
                 err(f"{cw}: livenessProbe gives up in under 30 s")
             res = c.get("resources", {})
-            want = {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}}
-            for kind, vals in want.items():
+            for kind, vals in want["resources"].items():
                 for r, v in vals.items():
                     if str(res.get(kind, {}).get(r)) != v:
                         err(f"{cw}: resources.{kind}.{r} is {res.get(kind, {}).get(r)!r}, expected {v}")
-            main_env = env
+            needed_files = list(want["secret_files"])
+            if str(env.get("KAFKA_SECURITY_PROTOCOL", "plaintext")).lower().startswith("sasl"):
+                needed_files.append("KAFKA_SASL_PASSWORD_FILE")
+            for var in needed_files:
+                if not isinstance(env.get(var), str):
+                    err(f"{cw}: {var} unset (a file of a mounted Secret)")
 
-    # Service, PDB, PodMonitor, NetworkPolicy agree with the pods.
+            if want["stop"] == "drain":
+                shutdown = duration_seconds(str(env.get("SHUTDOWN_TIMEOUT", "25s")))
+                if shutdown is None:
+                    err(f"{cw}: SHUTDOWN_TIMEOUT {env.get('SHUTDOWN_TIMEOUT')!r} is not a duration")
+                elif not grace > shutdown + 5:
+                    err(f"{cw}: terminationGracePeriodSeconds {grace} must exceed SHUTDOWN_TIMEOUT ({shutdown:g}s) with margin")
+            else:
+                # The endpoint removal must reach the proxies before the listener closes, and
+                # the longest request (its timeouts in sequence) must finish after SIGTERM.
+                pause = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+                if not isinstance(pause, int) or pause < 1:
+                    err(f"{cw}: no lifecycle.preStop.sleep (new requests would reach a closing listener)")
+                    pause = 0
+                request = 0
+                for var, default in (("API_QUERY_TIMEOUT", "10s"), ("IMMUDB_REQUEST_TIMEOUT", "10s")):
+                    s = duration_seconds(str(env.get(var, default)))
+                    if s is None:
+                        err(f"{cw}: {var} {env.get(var)!r} is not a duration")
+                        s = 0
+                    request += s
+                request += ACCESS_ACK_SECONDS
+                if not grace >= pause + request + 5:
+                    err(f"{cw}: terminationGracePeriodSeconds {grace} does not cover the preStop pause ({pause}s) "
+                        f"and one request's timeouts (API_QUERY_TIMEOUT + IMMUDB_REQUEST_TIMEOUT + "
+                        f"{ACCESS_ACK_SECONDS}s access ack = {request:g}s) with 5 s of margin")
+            for var, key in want["logins"].items():
+                if refs.get(var, (None, None))[1] != key:
+                    err(f"{cw}: {var} must come from ConfigMap key {key} (its own login), not {refs.get(var) or env.get(var)!r}")
+            if want["identity_provider"]:
+                for var in ("OIDC_ISSUER", "OIDC_JWKS_URL"):
+                    if var not in env and var == "OIDC_JWKS_URL":
+                        continue
+                    scheme, _ = url_port(env.get(var))
+                    if scheme != "https":
+                        err(f"{cw}: {var} {env.get(var)!r} is not an https:// URL")
+
+    # --- across workloads -------------------------------------------------------------------
+    if len(images) > 1:
+        err("the workloads run different images: " + "; ".join(f"{i} ({', '.join(c)})" for i, c in images.items()))
+    for secret, users in secret_users.items():
+        if len(users) > 1:
+            err(f"Secret {secret} is mounted by {sorted(users)}: each workload has its own credentials")
+    sas = [deployments[w]["spec"]["template"]["spec"].get("serviceAccountName") for w in deployments]
+    if len(set(sas)) != len(sas):
+        err(f"the workloads share a ServiceAccount ({sas}): each has its own identity")
+    for a in deployments:
+        for b in deployments:
+            if a < b and (selector_matches(deployments[a]["spec"]["selector"].get("matchLabels"), pod_labels[b])
+                          or selector_matches(deployments[b]["spec"]["selector"].get("matchLabels"), pod_labels[a])):
+                err(f"Deployments {a} and {b} select each other's pods")
+    if "audit-api" in main_env and "audit-consumer" in main_env:
+        api, consumer = main_env["audit-api"], main_env["audit-consumer"]
+        topic = api.get("API_ACCESS_TOPIC", "audit.access.v1")
+        topics = [t.strip() for t in str(consumer.get("KAFKA_TOPICS", "")).split(",")]
+        if topic not in topics:
+            err(f"API_ACCESS_TOPIC {topic} is not in the consumer's KAFKA_TOPICS: reads would never reach the trail")
+        for var in WORKLOADS["audit-api"]["logins"]:
+            if api.get(var) is not None and api.get(var) == consumer.get(var):
+                err(f"audit-api's {var} is the consumer's ({api.get(var)!r}): the read side needs its own login")
+
+    # --- the objects around the pods: each selects exactly one workload -------------------
+    def selected(sel, what):
+        hits = [w for w in deployments if selector_matches(sel, pod_labels[w])]
+        if len(hits) != 1:
+            err(f"{what}: selects the pods of {hits or 'no workload'}, expected exactly one workload")
+            return None
+        return hits[0]
+
+    def is_app_port(w, value):
+        return w in app_port and value in (WORKLOADS[w]["port_name"], app_port[w])
+
+    services_of = {w: [] for w in deployments}
     for svc in by_kind.get("Service", []):
-        if not selector_matches(svc["spec"].get("selector"), pod_labels):
-            err(f"Service/{svc['metadata']['name']}: selector does not match the pods")
+        sw = f"Service/{svc['metadata']['name']}"
+        w = selected(svc["spec"].get("selector"), sw)
+        if w is None:
+            continue
+        services_of[w].append(svc)
         for p in svc["spec"].get("ports", []):
             tp = p.get("targetPort", p["port"])
-            if tp not in ("http", health_port) and tp != health_port:
-                err(f"Service/{svc['metadata']['name']}: targetPort {tp!r} is not the http port")
-    pdbs = by_kind.get("PodDisruptionBudget", [])
-    if len(pdbs) != 1:
-        err(f"expected one PodDisruptionBudget, found {len(pdbs)}")
-    for pdb in pdbs:
-        if not selector_matches(pdb["spec"]["selector"].get("matchLabels"), pod_labels):
-            err(f"PodDisruptionBudget/{pdb['metadata']['name']}: selector does not match the pods")
+            if not is_app_port(w, tp):
+                err(f"{sw}: targetPort {tp!r} is not {w}'s port {WORKLOADS[w]['port_name']}")
+    for w, svcs in services_of.items():
+        if WORKLOADS[w]["service_required"] and not any(s["spec"].get("clusterIP") != "None" for s in svcs):
+            err(f"{w}: no Service with a cluster IP for its clients")
+
+    pdbs_of = {w: [] for w in deployments}
+    for pdb in by_kind.get("PodDisruptionBudget", []):
+        pw = f"PodDisruptionBudget/{pdb['metadata']['name']}"
+        w = selected(pdb["spec"]["selector"].get("matchLabels"), pw)
+        if w is None:
+            continue
+        pdbs_of[w].append(pdb)
         if pdb["spec"].get("maxUnavailable") != 1:
-            err(f"PodDisruptionBudget/{pdb['metadata']['name']}: maxUnavailable must be 1")
-    monitors = by_kind.get("PodMonitor", []) + by_kind.get("ServiceMonitor", [])
-    if not monitors:
-        err("no PodMonitor or ServiceMonitor")
-    for mon in monitors:
-        mw = f"{mon['kind']}/{mon['metadata']['name']}"
-        if mon["kind"] == "PodMonitor":
-            if not selector_matches(mon["spec"]["selector"].get("matchLabels"), pod_labels):
-                err(f"{mw}: selector does not match the pods")
-            for ep in mon["spec"].get("podMetricsEndpoints", []):
-                if ep.get("port") not in ports:
-                    err(f"{mw}: port {ep.get('port')!r} is not a container port")
-                if ep.get("path", "/metrics") != "/metrics":
-                    err(f"{mw}: path {ep.get('path')!r}")
-            job_label = mon["spec"].get("jobLabel")
-            if pod_labels.get(job_label) != "audit-consumer":
-                err(f"{mw}: jobLabel {job_label!r} does not give job=\"audit-consumer\" (the alerts select it)")
+            err(f"{pw}: maxUnavailable must be 1")
+        if pdb["spec"].get("unhealthyPodEvictionPolicy") != "AlwaysAllow":
+            err(f"{pw}: unhealthyPodEvictionPolicy must be AlwaysAllow (a store outage makes every pod not ready)")
+    for w, found in pdbs_of.items():
+        if len(found) != 1:
+            err(f"{w}: expected one PodDisruptionBudget, found {len(found)}")
+
+    # job label each workload's metrics get, by PodMonitor, or ServiceMonitor on its Service
+    jobs_of = {w: [] for w in deployments}
+    for mon in by_kind.get("PodMonitor", []):
+        mw = f"PodMonitor/{mon['metadata']['name']}"
+        w = selected(mon["spec"]["selector"].get("matchLabels"), mw)
+        if w is None:
+            continue
+        for ep in mon["spec"].get("podMetricsEndpoints", []):
+            if ep.get("port") not in ports.get(w, {}):
+                err(f"{mw}: port {ep.get('port')!r} is not a container port of {w}")
+            if ep.get("path", "/metrics") != "/metrics":
+                err(f"{mw}: path {ep.get('path')!r}")
+        jobs_of[w].append(pod_labels[w].get(mon["spec"].get("jobLabel")))
+    for mon in by_kind.get("ServiceMonitor", []):
+        mw = f"ServiceMonitor/{mon['metadata']['name']}"
+        for w, svcs in services_of.items():
+            for svc in svcs:
+                if selector_matches(mon["spec"]["selector"].get("matchLabels"), svc["metadata"].get("labels", {})):
+                    job_label = mon["spec"].get("jobLabel")
+                    jobs_of[w].append(svc["metadata"].get("labels", {}).get(job_label) if job_label
+                                      else svc["metadata"]["name"])
+    for w, jobs in jobs_of.items():
+        want_job = WORKLOADS[w]["job"]
+        if len(jobs) != 1:
+            err(f"{w}: scraped by {len(jobs)} PodMonitors/ServiceMonitors, expected one")
+        elif jobs[0] != want_job:
+            err(f"{w}: its monitor gives job={jobs[0]!r}, not job=\"{want_job}\" (the alerts select it)")
+        if f'up{{job="{want_job}"}}' not in alerts_text:
+            err(f"{w}: no alert on up{{job=\"{want_job}\"}} in {alerts}")
+    for job in sorted(set(re.findall(r'job="([^"]+)"', alerts_text))):
+        if job not in {spec["job"] for spec in WORKLOADS.values()}:
+            err(f"{alerts}: job=\"{job}\" is not the job of any workload's monitor")
+
     rules = by_kind.get("PrometheusRule", [])
-    with open(alerts) as f:
-        want_rules = yaml.safe_load(f)
+    want_rules = yaml.safe_load(alerts_text)
     if len(rules) != 1 or rules[0]["spec"] != want_rules:
         err("PrometheusRule spec differs from deploy/prometheus/alerts.yaml (run --sync-rules)")
+
+    policies_of = {w: [] for w in deployments}
     for np in by_kind.get("NetworkPolicy", []):
         nw = f"NetworkPolicy/{np['metadata']['name']}"
-        if not selector_matches(np["spec"]["podSelector"].get("matchLabels"), pod_labels):
-            err(f"{nw}: podSelector does not match the pods")
+        w = selected(np["spec"]["podSelector"].get("matchLabels"), nw)
+        if w is None:
+            continue
+        policies_of[w].append(np)
+        env = main_env.get(w, {})
         if set(np["spec"].get("policyTypes", [])) != {"Ingress", "Egress"}:
             err(f"{nw}: policyTypes must be Ingress and Egress")
         for rule in np["spec"].get("ingress", []):
             for p in rule.get("ports", []) or [{"port": None}]:
-                if p["port"] not in ("http", health_port):
-                    err(f"{nw}: ingress admits port {p['port']!r}, only the http port is expected")
-        egress_ports = {(p.get("protocol", "TCP"), p.get("port")) for r in np["spec"].get("egress", [])
-                        for p in r.get("ports", []) or []}
-        if any(not r.get("ports") for r in np["spec"].get("egress", [])):
+                if not is_app_port(w, p["port"]):
+                    err(f"{nw}: ingress admits port {p['port']!r}, only {w}'s port {WORKLOADS[w]['port_name']} is expected")
+            if overlay and not rule.get("from"):
+                err(f"{nw}: an ingress rule admits every peer; the overlay should narrow it (from:)")
+        egress = np["spec"].get("egress", [])
+        egress_ports = {(p.get("protocol", "TCP"), p.get("port")) for r in egress for p in r.get("ports", []) or []}
+        if any(not r.get("ports") for r in egress):
             err(f"{nw}: an egress rule without ports allows everything")
-        needed = {("UDP", 53): "DNS", ("TCP", int(main_env.get("IMMUDB_PORT", 3322))): "IMMUDB_PORT",
-                  ("TCP", int(main_env.get("POSTGRES_PORT", 5432))): "POSTGRES_PORT"}
-        for broker in str(main_env.get("KAFKA_BROKERS", "")).split(","):
+        if overlay and any(not r.get("to") for r in egress):
+            err(f"{nw}: an egress rule reaches every peer; the overlay should narrow it (to:)")
+        needed = {("UDP", 53): "DNS", ("TCP", int(env.get("IMMUDB_PORT", 3322))): "IMMUDB_PORT",
+                  ("TCP", int(env.get("POSTGRES_PORT", 5432))): "POSTGRES_PORT"}
+        for broker in str(env.get("KAFKA_BROKERS", "")).split(","):
             if ":" in broker:
                 needed[("TCP", int(broker.rsplit(":", 1)[1]))] = f"KAFKA_BROKERS ({broker})"
+        if WORKLOADS[w]["identity_provider"]:
+            # Without OIDC_JWKS_URL the keys' address comes from the issuer's discovery document.
+            var = "OIDC_JWKS_URL" if env.get("OIDC_JWKS_URL") else "OIDC_ISSUER"
+            _, port = url_port(env.get(var))
+            if port:
+                needed[("TCP", port)] = f"the identity provider ({var} {env.get(var)})"
         for key, what in needed.items():
             if key not in egress_ports:
                 err(f"{nw}: egress does not allow {key[0]}/{key[1]} ({what})")
         extra = egress_ports - set(needed) - {("TCP", 53)}
         if extra and overlay:
             print(f"note: {nw}: egress also allows {sorted(extra, key=str)}")
-    if not by_kind.get("NetworkPolicy"):
-        err("no NetworkPolicy")
+    for w, found in policies_of.items():
+        if len(found) != 1:
+            err(f"{w}: expected one NetworkPolicy selecting its pods, found {len(found)}")
+
     if overlay:
         for d in docs:
             if d["kind"] == "Namespace":
@@ -557,7 +816,7 @@ def cmd_policy(rendered, readme, alerts, name):
             if not d["metadata"].get("namespace"):
                 err(f"{d['kind']}/{d['metadata']['name']}: no namespace set by the overlay")
     kinds = ", ".join(f"{k}×{len(v)}" if len(v) > 1 else k for k, v in sorted(by_kind.items()))
-    finish(f"{name}: {kinds}: ok")
+    finish(f"{name}: workloads {', '.join(deployments)}; {kinds}: ok")
 
 
 # ---------------------------------------------------------------------------------------
