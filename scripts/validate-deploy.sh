@@ -859,7 +859,8 @@ def cmd_dashboard(path):
                 err(f"panel {p.get('title')!r}: datasource {r!r} is not ${{datasource}}")
         if not p.get("targets"):
             err(f"panel {p.get('title')!r} has no query")
-    want = ["throughput", "lag", "latency", "dlq|dead-letter", "circuit", "immudb|verification", "memory", "cpu"]
+    want = ["throughput", "lag", "latency", "dlq|dead-letter", "circuit", "immudb|verification", "memory", "cpu",
+            "api request", "api latency", "access event"]
     for w in want:
         if not any(re.search(w, (t or ""), re.I) for t in titles):
             err(f"no panel about {w}")
