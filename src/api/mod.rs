@@ -370,10 +370,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     tracing::info!(%address, "read API listening");
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("serving the read API")?;
+    let stopping = shutdown.clone();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stopping.cancelled().await });
+    // In-flight requests get SHUTDOWN_TIMEOUT to finish after the signal; then we leave.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(settings.shutdown_timeout).await;
+    };
+    tokio::select! {
+        served = server => served.context("serving the read API")?,
+        () = deadline => tracing::warn!("requests still running at the shutdown deadline were cut off"),
+    }
     background.cancel();
     immudb.close().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), pg.close()).await;
